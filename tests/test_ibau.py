@@ -1,0 +1,278 @@
+"""`ibau_jax.unlearn`: the hypergradient wiring, compilation, determinism and bad input."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import ibau_jax
+from ibau_jax import ibau
+
+H = W = 6
+CLASSES = 3
+
+
+class TinyNet(nn.Module):
+  """Conv -> BatchNorm -> tanh -> Dense: small enough to form Hessians explicitly."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(2, (3, 3), padding=1)(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = jnp.tanh(x)
+    return nn.Dense(CLASSES)(x.reshape((x.shape[0], -1)))
+
+
+MODEL = TinyNet()
+
+
+def apply_fn(variables, x):
+  return MODEL.apply(variables, x)
+
+
+def _variables(seed=0):
+  v = MODEL.init(jax.random.PRNGKey(seed), jnp.zeros((1, H, W, 3)))
+  # Non-trivial BatchNorm statistics, so pass-through is observable.
+  stats = jax.tree_util.tree_map(lambda s: s + 0.1, v["batch_stats"])
+  return {"params": v["params"], "batch_stats": stats}
+
+
+def _data(n=24, seed=0):
+  rng = np.random.RandomState(seed)
+  return rng.rand(n, H, W, 3).astype(np.float32), (np.arange(n) % CLASSES).astype(np.int32)
+
+
+SMALL = ibau_jax.IBAUConfig(rounds=2, batch_size=8)
+
+
+# ----------------------------------------------------------------------------------------
+# The hypergradient of one outer step against an explicit-Hessian computation
+# ----------------------------------------------------------------------------------------
+
+
+def _brute_force(config, params, rest, delta, x, y, mask, xin, yin, neumann_k=None):
+  """g = ∇_θL_out − ∇²_θδ L_in (∇²_δδ L_in)⁻¹ ∇_δ L_out from dense matrices (float64), or with
+  K Neumann terms  (∂_θΦ)ᵀ Σ_{j<K} (∂_δΦᵀ)^j ∇_δ L_out."""
+  flat_p, unravel = ravel_pytree(params)
+  d_shape = delta.shape
+
+  def logits_fn(p, img):
+    return apply_fn({"params": p, **rest}, img)
+
+  def l_in(d_flat, p_flat):
+    return ibau._inner_loss(config, logits_fn, d_flat.reshape(d_shape), unravel(p_flat), xin,
+                            yin)
+
+  def l_out(d_flat, p_flat):
+    return ibau._outer_loss(config, logits_fn, d_flat.reshape(d_shape), unravel(p_flat), x, y,
+                            mask)
+
+  d_flat = delta.reshape(-1)
+  g_d, g_p = jax.grad(l_out, argnums=(0, 1))(d_flat, flat_p)
+  h_dd = np.asarray(jax.hessian(l_in, argnums=0)(d_flat, flat_p), np.float64)
+  h_pd = np.asarray(jax.jacobian(jax.grad(l_in, argnums=0), argnums=1)(d_flat, flat_p),
+                    np.float64)  # shape (δ, θ): ∂_θ ∇_δ L_in
+  g_d, g_p = np.asarray(g_d, np.float64), np.asarray(g_p, np.float64)
+  if neumann_k is None:
+    return g_p - h_pd.T @ np.linalg.solve(h_dd, g_d)
+  eta = config.fixed_point_lr
+  jac_d = np.eye(h_dd.shape[0]) - eta * h_dd
+  v = np.zeros_like(g_d)
+  for _ in range(neumann_k):
+    v = jac_d.T @ v + g_d
+  return g_p + (-eta * h_pd).T @ v
+
+
+def _one_step_inputs(seed=0):
+  variables = _variables(seed)
+  x, y = _data(8, seed)
+  xin, yin = _data(8, seed + 100)
+  delta = jnp.asarray(np.random.RandomState(seed).randn(H, W, 3).astype(np.float32) * 0.1)
+  mask = jnp.asarray([1.0, 0, 0, 1.0, 0, 0, 0, 0])
+  rest = {"batch_stats": variables["batch_stats"]}
+  return variables["params"], rest, delta, x, y, mask, xin, yin
+
+
+@pytest.mark.parametrize("solver,iterations", [("cg", 200), ("neumann", 5)])
+def test_step_hypergradient_matches_explicit_hessians(solver, iterations):
+  # A strong ridge (λ = 2) makes ∇²_δδ L_in positive definite, so CG converges to the exact
+  # solve and the Neumann series (η = 0.1) contracts.
+  config = ibau_jax.IBAUConfig(inner_reg=2.0, fixed_point_lr=0.1, clamp=False, solver=solver,
+                               solver_iterations=iterations, solver_tol=1e-12)
+  params, rest, delta, x, y, mask, xin, yin = _one_step_inputs()
+  logits_fn = lambda p, img: apply_fn({"params": p, **rest}, img)
+  _, grads, residual = ibau.hypergradient(config, logits_fn, params, delta, x, y, mask, xin, yin)
+  expected = _brute_force(config, params, rest, delta, x, y, mask, xin, yin,
+                          neumann_k=iterations if solver == "neumann" else None)
+  got = np.asarray(ravel_pytree(grads)[0], np.float64)
+  np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-5)
+  # The implicit term matters: without it the gradient is visibly different.
+  direct = np.asarray(ravel_pytree(jax.grad(
+      lambda p: ibau._outer_loss(config, logits_fn, delta, p, x, y, mask))(params))[0])
+  assert np.linalg.norm(direct - expected) > 10 * np.linalg.norm(got - expected)
+  if solver == "cg":
+    assert float(residual) < 1e-3
+
+
+def test_unperturbed_images_do_not_see_delta():
+  """With an all-zero mask, L_out does not depend on δ: ∇_δ L_out = 0, no implicit term."""
+  config = ibau_jax.IBAUConfig(clamp=False)
+  params, rest, delta, x, y, _, xin, yin = _one_step_inputs(1)
+  logits_fn = lambda p, img: apply_fn({"params": p, **rest}, img)
+  mask = jnp.zeros((8,))
+  _, grads, _ = ibau.hypergradient(config, logits_fn, params, delta, x, y, mask, xin, yin)
+  direct = jax.grad(lambda p: ibau._cross_entropy(logits_fn(p, x), y))(params)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                         grads, direct)
+
+
+# ----------------------------------------------------------------------------------------
+# unlearn(): structure, determinism, compilation, jit vs no-jit
+# ----------------------------------------------------------------------------------------
+
+
+def test_unlearn_returns_same_structure_and_passes_other_collections_through():
+  variables = _variables()
+  x, y = _data()
+  seen = []
+  config = SMALL.replace(callback=lambda r, stats, v: seen.append((r, stats, v)))
+  result = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(0))
+  assert (jax.tree_util.tree_structure(result.variables)
+          == jax.tree_util.tree_structure(variables))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, result.variables["batch_stats"],
+                         variables["batch_stats"])
+  changed = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                                   result.variables["params"], variables["params"])
+  assert max(jax.tree_util.tree_leaves(changed)) > 0
+  assert [h["round"] for h in result.history] == [0, 1]
+  for h in result.history:
+    assert set(h) == {"round", "inner_loss", "outer_loss", "delta_norm", "residual_mean",
+                      "residual_max", "seconds"}
+    assert 0 < h["delta_norm"] <= SMALL.norm_bound + 1e-4
+    assert np.isfinite(h["outer_loss"]) and h["seconds"] > 0
+  assert result.perturbation.shape == (H, W, 3)
+  assert [r for r, _, _ in seen] == [0, 1]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, seen[-1][2], result.variables)
+
+
+def test_unlearn_is_deterministic_for_a_key():
+  variables = _variables()
+  x, y = _data()
+  a = ibau_jax.unlearn(apply_fn, variables, x, y, SMALL, key=jax.random.PRNGKey(3))
+  b = ibau_jax.unlearn(apply_fn, variables, x, y, SMALL, key=jax.random.PRNGKey(3))
+  c = ibau_jax.unlearn(apply_fn, variables, x, y, SMALL, key=jax.random.PRNGKey(4))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a.variables, b.variables)
+  diff = jax.tree_util.tree_map(lambda p, q: float(jnp.max(jnp.abs(p - q))),
+                                a.variables["params"], c.variables["params"])
+  assert max(jax.tree_util.tree_leaves(diff)) > 0
+
+
+def test_second_round_and_second_call_do_not_recompile():
+  variables = _variables()
+  x, y = _data()
+  config = SMALL.replace(rounds=3, outer_lr=2e-3)  # a configuration no other test compiles
+  before = ibau._round_jit._cache_size()
+  ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(0))
+  after_first = ibau._round_jit._cache_size()
+  assert after_first == before + 1  # three rounds, one compilation
+  # A second call, other data of the same shape, another key, another callback.
+  x2, y2 = _data(seed=5)
+  ibau_jax.unlearn(apply_fn, _variables(1), x2, y2, config.replace(callback=lambda *a: None),
+                   key=jax.random.PRNGKey(9))
+  assert ibau._round_jit._cache_size() == after_first
+
+
+def test_jit_equals_no_jit():
+  variables = _variables()
+  x, y = _data(16)
+  config = ibau_jax.IBAUConfig(rounds=1, batch_size=8, solver_iterations=2)
+  jitted = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(1))
+  with jax.disable_jit():
+    eager = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(1))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         jitted.variables, eager.variables)
+  np.testing.assert_allclose(jitted.perturbation, eager.perturbation, rtol=1e-4, atol=1e-5)
+
+
+def test_official_preset_is_the_papers_code():
+  cfg = ibau_jax.IBAUConfig.official()
+  assert (cfg.rounds, cfg.batch_size, cfg.inner_epochs, cfg.inner_lr, cfg.inner_optimizer) == (
+      1, 100, 1, 10.0, "sgd")
+  assert (cfg.inner_reg, cfg.norm_bound, cfg.clamp, cfg.pseudo_labels) == (1e-3, 10.0, False, True)
+  assert (cfg.perturbed_fraction, cfg.hypergrad_batch, cfg.fixed_point_lr) == (0.01, "first", 0.1)
+  assert (cfg.solver, cfg.solver_iterations, cfg.outer_optimizer, cfg.outer_lr) == (
+      "neumann", 5, "adam", 1e-3)
+  assert ibau_jax.IBAUConfig.official(rounds=5).rounds == 5
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------
+
+
+def _call(images=None, labels=None, variables=None, config=SMALL):
+  x, y = _data()
+  return ibau_jax.unlearn(apply_fn, _variables() if variables is None else variables,
+                          x if images is None else images, y if labels is None else labels,
+                          config, key=jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(images=np.zeros((24, H, W), np.float32)), "rank 4"),
+    (dict(images=np.zeros((24, H, W, 3), np.uint8)), "floating point"),
+    (dict(images=np.full((24, H, W, 3), 2.0, np.float32)), r"\[0, 1\]"),
+    (dict(images=np.full((24, H, W, 3), -0.5, np.float32)), r"\[0, 1\]"),
+    (dict(images=np.full((24, H, W, 3), np.nan, np.float32)), "NaN"),
+    (dict(images=np.full((24, H, W, 3), np.inf, np.float32)), "NaN or infinite"),
+    (dict(images=np.zeros((24, H + 1, W, 3), np.float32)), "apply_fn"),
+    (dict(labels=np.zeros((23,), np.int32)), "shape"),
+    (dict(labels=np.zeros((24,), np.float32)), "integers"),
+    (dict(labels=np.full((24,), CLASSES, np.int32)), r"\[0, 3\)"),
+    (dict(labels=np.full((24,), -1, np.int32)), r"\[0, 3\)"),
+    (dict(labels=np.full((24,), 1, np.int32)), "single class"),
+    (dict(images=np.zeros((4, H, W, 3), np.float32), labels=np.arange(4) % 3), "fewer"),
+    (dict(images=np.zeros((0, H, W, 3), np.float32), labels=np.zeros((0,), np.int32)), "fewer"),
+    (dict(variables={"batch_stats": {}}), "'params'"),
+    (dict(variables=[1, 2]), "'params'"),
+    (dict(config="official"), "IBAUConfig"),
+])
+def test_bad_input_raises_clear_value_error(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _call(**kwargs)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("rounds", 0), ("batch_size", -1), ("batch_size", 2.5), ("inner_lr", 0.0),
+    ("inner_lr", float("nan")), ("solver", "lu"), ("solver_iterations", -1),
+    ("perturbed_fraction", 0.0), ("perturbed_fraction", 1.5), ("inner_optimizer", "lbfgs"),
+    ("outer_optimizer", "rmsprop"), ("hypergrad_batch", "last"), ("norm_bound", -1.0),
+    ("rounds", True),
+])
+def test_bad_config_raises(field, value):
+  with pytest.raises(ValueError, match=field):
+    ibau_jax.IBAUConfig(**{field: value})
+
+
+def test_non_finite_hypergradient_stops_with_clear_error_and_leaves_input_untouched():
+  class Fragile(nn.Module):
+    """Finite logits, infinite gradient: d/dw √|w| is infinite at w = 0."""
+
+    @nn.compact
+    def __call__(self, x):
+      w = self.param("w", nn.initializers.zeros, ())
+      logits = nn.Dense(CLASSES)(x.reshape((x.shape[0], -1)))
+      return logits + jnp.sqrt(jnp.abs(w))
+
+  model = Fragile()
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, H, W, 3)))
+  copy = jax.tree_util.tree_map(np.array, variables)
+  x, y = _data()
+  with pytest.raises(ibau_jax.NonFiniteHypergradientError, match="round 0 at outer step 0"):
+    ibau_jax.unlearn(model.apply, variables, x, y, SMALL, key=jax.random.PRNGKey(0))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, copy)
