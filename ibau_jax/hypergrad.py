@@ -65,17 +65,17 @@ def _relative(residual_norm: jax.Array, b: PyTree) -> jax.Array:
 def _neumann(matvec: MatVec, b: PyTree, *, iterations: int) -> tuple[PyTree, jax.Array]:
   # jaxopt hands us matvec(u) = Aᵀu with A = ∂_δ Φ − I, and b = −∇_δ L_out.
   # Richardson iteration u ← u + (Aᵀu − b) is u ← (∂_δ Φ)ᵀu + ∇_δ L_out: the Neumann series.
-  def step(carry, _):
-    u, _ = carry
+  # K is small and static: a Python loop (unrolled), since XLA:CPU runs convolution
+  # gradients inside while-loop bodies many times slower than outside.
+  u = jax.tree_util.tree_map(jnp.zeros_like, b)
+  increment = None
+  for _ in range(iterations):
     increment = _tree_sub(matvec(u), b)
-    return (jax.tree_util.tree_map(jnp.add, u, increment), increment), None
-
-  zero = jax.tree_util.tree_map(jnp.zeros_like, b)
-  (u, last_increment), _ = jax.lax.scan(step, (zero, zero), None, length=iterations)
-  if iterations == 0:
+    u = jax.tree_util.tree_map(jnp.add, u, increment)
+  if increment is None:
     return u, jnp.ones((), jnp.float32)
   # The last increment is Aᵀu_{K-1} − b: the residual of the previous iterate.
-  return u, _relative(_tree_norm(last_increment), b)
+  return u, _relative(_tree_norm(increment), b)
 
 
 def _cg(matvec: MatVec, b: PyTree, *, iterations: int, tol: float) -> tuple[PyTree, jax.Array]:

@@ -173,25 +173,44 @@ def test_unlearn_is_deterministic_for_a_key():
   assert max(jax.tree_util.tree_leaves(diff)) > 0
 
 
-def test_second_round_and_second_call_do_not_recompile():
+@pytest.mark.parametrize("loop", ["scan", "python"])
+def test_second_round_and_second_call_do_not_recompile(loop):
   variables = _variables()
   x, y = _data()
-  config = SMALL.replace(rounds=3, outer_lr=2e-3)  # a configuration no other test compiles
-  before = ibau._round_jit._cache_size()
+  # A configuration no other test compiles.
+  config = SMALL.replace(rounds=3, outer_lr=2e-3 if loop == "scan" else 3e-3, loop=loop)
+  before = ibau._compiled_programs()
   ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(0))
-  after_first = ibau._round_jit._cache_size()
-  assert after_first == before + 1  # three rounds, one compilation
-  # A second call, other data of the same shape, another key, another callback.
+  after_first = ibau._compiled_programs()
+  assert after_first > before
+  # A second call: other data of the same shape, another key, another callback.
   x2, y2 = _data(seed=5)
   ibau_jax.unlearn(apply_fn, _variables(1), x2, y2, config.replace(callback=lambda *a: None),
                    key=jax.random.PRNGKey(9))
-  assert ibau._round_jit._cache_size() == after_first
+  assert ibau._compiled_programs() == after_first
+  if loop == "scan":
+    assert after_first == before + 1  # three rounds, one program
 
 
-def test_jit_equals_no_jit():
+def test_scan_and_python_loops_give_the_same_result():
+  variables = _variables()
+  x, y = _data()
+  a = ibau_jax.unlearn(apply_fn, variables, x, y, SMALL.replace(loop="scan"),
+                       key=jax.random.PRNGKey(2))
+  b = ibau_jax.unlearn(apply_fn, variables, x, y, SMALL.replace(loop="python"),
+                       key=jax.random.PRNGKey(2))
+  jax.tree_util.tree_map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-6),
+                         a.variables, b.variables)
+  for ha, hb in zip(a.history, b.history):
+    for k in ("inner_loss", "outer_loss", "delta_norm", "residual_mean"):
+      assert ha[k] == pytest.approx(hb[k], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("loop", ["scan", "python"])
+def test_jit_equals_no_jit(loop):
   variables = _variables()
   x, y = _data(16)
-  config = ibau_jax.IBAUConfig(rounds=1, batch_size=8, solver_iterations=2)
+  config = ibau_jax.IBAUConfig(rounds=1, batch_size=8, solver_iterations=2, loop=loop)
   jitted = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(1))
   with jax.disable_jit():
     eager = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(1))
@@ -252,7 +271,7 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("inner_lr", float("nan")), ("solver", "lu"), ("solver_iterations", -1),
     ("perturbed_fraction", 0.0), ("perturbed_fraction", 1.5), ("inner_optimizer", "lbfgs"),
     ("outer_optimizer", "rmsprop"), ("hypergrad_batch", "last"), ("norm_bound", -1.0),
-    ("rounds", True),
+    ("rounds", True), ("loop", "vmap"),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
