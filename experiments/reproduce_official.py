@@ -1,0 +1,225 @@
+"""Reproduce I-BAU on the three poisoned models released with the paper.
+
+    python -m experiments.reproduce_official --data-dir ../shared/data \\
+        --reference-dir ../shared/reference/ibau_official
+
+For each model (CIFAR-10 BadNets, GTSRB BadNets, GTSRB l0_inv) and each configuration
+(``official``: :meth:`ibau_jax.IBAUConfig.official`, one round; ``default``:
+``ibau_jax.IBAUConfig()``) and seed, it measures clean accuracy (ACC), attack success rate on
+triggered non-target images (ASR) and robust accuracy (RA) before and after unlearning (and
+after every round), the seconds spent, and writes ``results.json`` / ``results.md`` in
+``--out``.  Finished cells are skipped when the command is run again, so an interrupted run
+resumes where it stopped.
+
+Data protocol (fixed, independent of the unlearning seed):
+
+* CIFAR-10: the clean set is the last 5,000 training images (indices 45,000-49,999);
+  evaluation on the 1,000 pixel-exact test images (see ``../shared/data/README.md``).
+* GTSRB: a permutation of the 12,630 test images with seed 0; its first 5,000 images are the
+  clean set, the other 7,630 the evaluation set.
+
+Runtime on a 2-core CPU: roughly 2 minutes per round per model plus evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+import ibau_jax
+from ibau_jax import data as data_lib
+from ibau_jax import metrics
+from ibau_jax.attacks import badnets as badnets_lib
+from ibau_jax.attacks import l0_inv as l0_inv_lib
+from ibau_jax.models import get_model
+from ibau_jax.models import torch_import
+
+MODELS = ("badnets_8_02", "gtsrbbadnets_8_02", "gtsrbl0_inv_0_02")
+CONFIGS = ("official", "default")
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _split(dataset: str, data_dir: str, clean_size: int):
+  """Returns ``(clean_x, clean_y, eval_x, eval_y)`` as float32 images and int32 labels."""
+  if dataset == "cifar10":
+    train = data_lib.load("cifar10", "train", data_dir=data_dir, download=False)
+    test = data_lib.load("cifar10", "test", data_dir=data_dir, download=False)
+    exact = test.extras["exact"]
+    clean = slice(len(train) - clean_size, len(train))
+    return (data_lib.to_float(train.images[clean]), train.labels[clean],
+            data_lib.to_float(test.images[exact]), test.labels[exact])
+  test = data_lib.load("gtsrb", "test", data_dir=data_dir, download=False)
+  order = np.random.RandomState(0).permutation(len(test))
+  clean, rest = order[:clean_size], order[clean_size:]
+  return (data_lib.to_float(test.images[clean]), test.labels[clean],
+          data_lib.to_float(test.images[rest]), test.labels[rest])
+
+
+def _attack(info: dict, reference_dir: pathlib.Path):
+  if info["attack"] == "badnets":
+    return badnets_lib.BadNets(target=info["target"])
+  return l0_inv_lib.from_files(reference_dir / "mask.npy", reference_dir / "l0_inv.png",
+                               target=info["target"])
+
+
+def _config(name: str, overrides: dict) -> ibau_jax.IBAUConfig:
+  base = ibau_jax.IBAUConfig.official() if name == "official" else ibau_jax.IBAUConfig()
+  return base.replace(**overrides)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+  fields = {f.name: f for f in dataclasses.fields(ibau_jax.IBAUConfig)}
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or key not in fields or key == "callback":
+      raise SystemExit(f"--set expects FIELD=VALUE with FIELD one of "
+                       f"{sorted(k for k in fields if k != 'callback')}; got {item!r}")
+    out[key] = json.loads(value) if value not in ("first", "current", "scan", "python",
+                                                  "auto", "sgd", "adam", "neumann", "cg",
+                                                  "normal_cg") else value
+  return out
+
+
+def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
+             reference_dir: pathlib.Path, clean_size: int, overrides: dict,
+             log=print) -> dict:
+  """Unlearns one reference model with one configuration and seed; returns the result row."""
+  info = json.loads((reference_dir / "models.json").read_text())[model_name]
+  clean_x, clean_y, eval_x, eval_y = _split(info["dataset"], data_dir, clean_size)
+  num_classes = 10 if info["dataset"] == "cifar10" else 43
+  model = get_model("small_vgg16", num_classes)
+  variables = torch_import.load_torch_state(reference_dir / f"{model_name}.npz", "small_vgg16")
+  attack = _attack(info, reference_dir)
+
+  def evaluate(v):
+    return metrics.evaluate(model.apply, v, eval_x, eval_y, attack.apply, info["target"])
+
+  before = evaluate(variables)
+  log(f"[{model_name} {config_name} seed {seed}] before: ACC {before['acc']:.2%} "
+      f"ASR {before['asr']:.2%} RA {before['ra']:.2%}")
+  rounds = []
+
+  def callback(r, stats, v):
+    m = evaluate(v)
+    rounds.append({**stats, **m})
+    log(f"[{model_name} {config_name} seed {seed}] round {r}: ACC {m['acc']:.2%} "
+        f"ASR {m['asr']:.2%} RA {m['ra']:.2%} ({stats['seconds']:.1f} s)")
+
+  config = _config(config_name, overrides).replace(callback=callback)
+  start = time.perf_counter()
+  result = ibau_jax.unlearn(model.apply, variables, clean_x, clean_y, config,
+                            key=jax.random.PRNGKey(seed))
+  unlearn_seconds = sum(h["seconds"] for h in result.history)
+  wall = time.perf_counter() - start
+  after = rounds[-1]
+  return dict(model=model_name, dataset=info["dataset"], attack=info["attack"],
+              target=info["target"], config=config_name, seed=seed,
+              config_fields={k: v for k, v in dataclasses.asdict(config).items()
+                             if k != "callback" and not callable(v)},
+              clean_size=clean_size, eval_size=int(len(eval_y)),
+              acc_before=before["acc"], asr_before=before["asr"], ra_before=before["ra"],
+              acc_after=after["acc"], asr_after=after["asr"], ra_after=after["ra"],
+              der=metrics.defense_effectiveness_rating(before["acc"], before["asr"],
+                                                       after["acc"], after["asr"]),
+              unlearn_seconds=unlearn_seconds, wall_seconds_with_eval=wall, rounds=rounds)
+
+
+def markdown_table(rows: list[dict]) -> str:
+  head = ("| model | config | seed | ACC before | ASR before | RA before | ACC after | "
+          "ASR after | RA after | DER | unlearn s |\n|" + "---|" * 11)
+  lines = [head]
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['config']} | {r['seed']} | {r['acc_before']:.2%} | "
+                 f"{r['asr_before']:.2%} | {r['ra_before']:.2%} | {r['acc_after']:.2%} | "
+                 f"{r['asr_after']:.2%} | {r['ra_after']:.2%} | {r['der']:.3f} | "
+                 f"{r['unlearn_seconds']:.0f} |")
+  return "\n".join(lines).replace("%", " %")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split("\n\n", 1)[1])
+  parser.add_argument("--data-dir", default=os.environ.get(data_lib.DATA_DIR_ENV),
+                      help=f"folder of the .npz arrays (default: ${data_lib.DATA_DIR_ENV})")
+  parser.add_argument("--reference-dir", required=True,
+                      help="folder with the official models, models.json, mask.npy, l0_inv.png")
+  parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
+  parser.add_argument("--configs", default=",".join(CONFIGS),
+                      help="comma-separated: official, default")
+  parser.add_argument("--seeds", default="0", help="comma-separated integer seeds")
+  parser.add_argument("--official-seeds", default=None,
+                      help="seeds for the official config (default: the first of --seeds)")
+  parser.add_argument("--clean-size", type=int, default=5000)
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override an IBAUConfig field of the default config, e.g. rounds=2")
+  parser.add_argument("--out", default="runs/reproduce_official", help="output folder")
+  args = parser.parse_args(argv)
+
+  if not args.data_dir or not pathlib.Path(args.data_dir).is_dir():
+    parser.error(f"--data-dir {args.data_dir!r} is not a folder (or set "
+                 f"${data_lib.DATA_DIR_ENV})")
+  reference_dir = pathlib.Path(args.reference_dir)
+  if not (reference_dir / "models.json").is_file():
+    parser.error(f"--reference-dir {reference_dir} has no models.json")
+  models = [m for m in args.models.split(",") if m]
+  configs = [c for c in args.configs.split(",") if c]
+  for m in models:
+    if m not in MODELS:
+      parser.error(f"unknown model {m!r}; choose from {MODELS}")
+  for c in configs:
+    if c not in CONFIGS:
+      parser.error(f"unknown config {c!r}; choose from {CONFIGS}")
+  seeds = [int(s) for s in args.seeds.split(",") if s]
+  official_seeds = ([int(s) for s in args.official_seeds.split(",")] if args.official_seeds
+                    else seeds[:1])
+  overrides = _parse_overrides(args.set)
+
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  results_path = out / "results.json"
+  rows = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
+  done = {(r["model"], r["config"], r["seed"]) for r in rows}
+  for model_name in models:
+    for config_name in configs:
+      for seed in (official_seeds if config_name == "official" else seeds):
+        if (model_name, config_name, seed) in done:
+          print(f"[{model_name} {config_name} seed {seed}] done already, skipped")
+          continue
+        row = run_cell(model_name, config_name, seed, data_dir=args.data_dir,
+                       reference_dir=reference_dir, clean_size=args.clean_size,
+                       overrides=overrides if config_name == "default" else {},
+                       log=lambda s: print(s, flush=True))
+        rows.append(row)
+        payload = dict(rows=rows, versions=dict(ibau_jax=ibau_jax.__version__,
+                                                jax=jax.__version__,
+                                                python=sys.version.split()[0]),
+                       device=str(jax.devices()[0]))
+        _atomic_write(results_path, json.dumps(payload, indent=1))
+        _atomic_write(out / "results.md", markdown_table(rows) + "\n")
+  table = markdown_table(rows)
+  print(table)
+  print(f"\nwrote {results_path} and {out / 'results.md'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
