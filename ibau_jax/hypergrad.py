@@ -67,15 +67,17 @@ def _neumann(matvec: MatVec, b: PyTree, *, iterations: int) -> tuple[PyTree, jax
   # Richardson iteration u ← u + (Aᵀu − b) is u ← (∂_δ Φ)ᵀu + ∇_δ L_out: the Neumann series.
   # K is small and static: a Python loop (unrolled), since XLA:CPU runs convolution
   # gradients inside while-loop bodies many times slower than outside.
-  u = jax.tree_util.tree_map(jnp.zeros_like, b)
-  increment = None
-  for _ in range(iterations):
+  if iterations == 0:
+    return jax.tree_util.tree_map(jnp.zeros_like, b), jnp.ones((), jnp.float32)
+  # u_1 = −b exactly (the first step from u_0 = 0 needs no product): K − 1 products in all.
+  u = jax.tree_util.tree_map(jnp.negative, b)
+  residual = jnp.ones((), jnp.float32)  # of u_0 = 0
+  for _ in range(iterations - 1):
     increment = _tree_sub(matvec(u), b)
     u = jax.tree_util.tree_map(jnp.add, u, increment)
-  if increment is None:
-    return u, jnp.ones((), jnp.float32)
-  # The last increment is Aᵀu_{K-1} − b: the residual of the previous iterate.
-  return u, _relative(_tree_norm(increment), b)
+    # The increment is Aᵀu_{k} − b: the residual of the previous iterate.
+    residual = _relative(_tree_norm(increment), b)
+  return u, residual
 
 
 def _cg(matvec: MatVec, b: PyTree, *, iterations: int, tol: float) -> tuple[PyTree, jax.Array]:
