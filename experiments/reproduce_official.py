@@ -121,7 +121,8 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
     m = evaluate(v)
     rounds.append({**stats, **m})
     log(f"[{model_name} {config_name} seed {seed}] round {r}: ACC {m['acc']:.2%} "
-        f"ASR {m['asr']:.2%} RA {m['ra']:.2%} ({stats['seconds']:.1f} s)")
+        f"ASR {m['asr']:.2%} RA {m['ra']:.2%} |δ| {stats['delta_norm']:.2f} "
+        f"residual {stats['residual_mean']:.3g} ({stats['seconds']:.1f} s)")
 
   config = _config(config_name, overrides).replace(callback=callback)
   start = time.perf_counter()
