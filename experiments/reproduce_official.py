@@ -199,23 +199,25 @@ def main(argv=None) -> int:
   results_path = out / "results.json"
   rows = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
   done = {(r["model"], r["config"], r["seed"]) for r in rows}
-  for model_name in models:
-    for config_name in configs:
-      for seed in (official_seeds if config_name == "official" else seeds):
-        if (model_name, config_name, seed) in done:
-          print(f"[{model_name} {config_name} seed {seed}] done already, skipped")
-          continue
-        row = run_cell(model_name, config_name, seed, data_dir=args.data_dir,
-                       reference_dir=reference_dir, clean_size=args.clean_size,
-                       overrides=overrides if config_name == "default" else {},
-                       log=lambda s: print(s, flush=True))
-        rows.append(row)
-        payload = dict(rows=rows, versions=dict(ibau_jax=ibau_jax.__version__,
-                                                jax=jax.__version__,
-                                                python=sys.version.split()[0]),
-                       device=str(jax.devices()[0]))
-        _atomic_write(results_path, json.dumps(payload, indent=1))
-        _atomic_write(out / "results.md", markdown_table(rows) + "\n")
+  cells = [(m, c, s) for s in seeds for m in models for c in configs
+           if c == "default" or s in official_seeds]
+  cells += [(m, "official", s) for s in official_seeds if s not in seeds for m in models
+            if "official" in configs]
+  for model_name, config_name, seed in cells:
+    if (model_name, config_name, seed) in done:
+      print(f"[{model_name} {config_name} seed {seed}] done already, skipped")
+      continue
+    row = run_cell(model_name, config_name, seed, data_dir=args.data_dir,
+                   reference_dir=reference_dir, clean_size=args.clean_size,
+                   overrides=overrides if config_name == "default" else {},
+                   log=lambda s: print(s, flush=True))
+    rows.append(row)
+    payload = dict(rows=rows, versions=dict(ibau_jax=ibau_jax.__version__,
+                                            jax=jax.__version__,
+                                            python=sys.version.split()[0]),
+                   device=str(jax.devices()[0]))
+    _atomic_write(results_path, json.dumps(payload, indent=1))
+    _atomic_write(out / "results.md", markdown_table(rows) + "\n")
   table = markdown_table(rows)
   print(table)
   print(f"\nwrote {results_path} and {out / 'results.md'}")

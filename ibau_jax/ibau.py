@@ -101,9 +101,9 @@ class IBAUConfig:
   inner_reg: float = 1e-3
   pseudo_labels: bool = True
   norm_bound: Optional[float] = 10.0
-  clamp: bool = True
-  perturbed_fraction: float = 0.2
-  hypergrad_batch: str = "current"
+  clamp: bool = False
+  perturbed_fraction: float = 0.01
+  hypergrad_batch: str = "first"
   fixed_point_lr: float = 0.1
   solver: str = "neumann"
   solver_iterations: int = 5
