@@ -227,3 +227,19 @@ class Attack:
       raise ValueError(f"{self.name or type(self).__name__}: all_to_all labels need "
                        "num_classes (pass it to the attack or to relabel/poison)")
     return ((labels + 1) % c).astype(labels.dtype)
+
+
+class AdditiveAttack(Attack):
+  """An attack that adds a fixed pattern: ``T(x) = clip(x + p, 0, 1)``.
+
+  Subclasses (frozen dataclasses) implement ``trigger(height, width, channels)``, the
+  additive pattern ``p`` for images of that shape.
+  """
+
+  def trigger(self, height: int, width: int, channels: int) -> Any:
+    raise NotImplementedError
+
+  def apply(self, images: jnp.ndarray) -> jnp.ndarray:
+    images = check_batch(images, self.name)
+    p = jnp.asarray(self.trigger(*images.shape[1:]), images.dtype)
+    return jnp.clip(images + p, 0.0, 1.0)

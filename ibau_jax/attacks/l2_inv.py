@@ -25,7 +25,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from ibau_jax.attacks.base import (Attack, PathLike, as_hwc, check_batch,
+from ibau_jax.attacks.base import (AdditiveAttack, Attack, PathLike, as_hwc, check_batch,
                                    check_float, check_int, fit_pattern, frozen,
                                    read_array, seeded_rng)
 
@@ -49,7 +49,7 @@ def gaussian_pattern(seed: int, norm: float, height: int, width: int,
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class L2Inv(Attack):
+class L2Inv(AdditiveAttack):
   """Additive full-image trigger ``clip(x + p, 0, 1)`` with ``||p||_2 = norm``.
 
   Attributes:
@@ -89,10 +89,6 @@ class L2Inv(Attack):
     return fit_pattern(self.pattern, (height, width, channels), "l2_inv", "pattern",
                        resize=False)
 
-  def apply(self, images: jnp.ndarray) -> jnp.ndarray:
-    images = check_batch(images, "l2_inv")
-    p = jnp.asarray(self.trigger(*images.shape[1:]), images.dtype)
-    return jnp.clip(images + p, 0.0, 1.0)
 
 
 def from_file(path: PathLike, *, target: int = 0, norm: Optional[float] = None,

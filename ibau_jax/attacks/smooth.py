@@ -26,7 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ibau_jax.attacks.base import (Attack, as_hwc, check_batch, check_float,
+from ibau_jax.attacks.base import (AdditiveAttack, Attack, as_hwc, check_batch, check_float,
                                    check_int, fit_pattern, frozen, seeded_rng)
 
 NORMS = ("l2", "linf")
@@ -66,7 +66,7 @@ def smooth_pattern(seed: int, sigma: float, norm: str, eps: float, height: int,
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Smooth(Attack):
+class Smooth(AdditiveAttack):
   """Additive low-frequency trigger ``clip(x + eps * s / ||s||, 0, 1)``.
 
   Attributes:
@@ -108,7 +108,3 @@ class Smooth(Attack):
     return fit_pattern(self.pattern, (height, width, channels), "smooth", "pattern",
                        resize=False)
 
-  def apply(self, images: jnp.ndarray) -> jnp.ndarray:
-    images = check_batch(images, "smooth")
-    p = jnp.asarray(self.trigger(*images.shape[1:]), images.dtype)
-    return jnp.clip(images + p, 0.0, 1.0)

@@ -34,7 +34,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ibau_jax.attacks.base import (Attack, PathLike, as_hwc, check_batch,
+from ibau_jax.attacks.base import (AdditiveAttack, Attack, PathLike, as_hwc, check_batch,
                                    check_float, check_int, fit_pattern, frozen,
                                    read_array, seeded_rng)
 
@@ -70,7 +70,7 @@ def _user_pattern(pattern: Any, name: str) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Additive(Attack):
+class _Additive(AdditiveAttack):
   """``clip(x + p, 0, 1)`` with a given ``pattern`` or a generated one."""
 
   pattern: Any = dataclasses.field(default=None, repr=False)
@@ -93,10 +93,6 @@ class _Additive(Attack):
     return fit_pattern(self.pattern, (height, width, channels), self.name,
                        "pattern", resize=True)
 
-  def apply(self, images: jnp.ndarray) -> jnp.ndarray:
-    images = check_batch(images, self.name)
-    p = jnp.asarray(self.trigger(*images.shape[1:]), images.dtype)
-    return jnp.clip(images + p, 0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
