@@ -30,7 +30,6 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
 
 import jax
 import numpy as np

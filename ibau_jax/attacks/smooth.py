@@ -23,10 +23,9 @@ import functools
 import math
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
-from ibau_jax.attacks.base import (AdditiveAttack, Attack, as_hwc, check_batch, check_float,
+from ibau_jax.attacks.base import (AdditiveAttack, as_hwc, check_float,
                                    check_int, fit_pattern, frozen, seeded_rng)
 
 NORMS = ("l2", "linf")

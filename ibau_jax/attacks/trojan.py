@@ -31,10 +31,9 @@ import dataclasses
 import functools
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
-from ibau_jax.attacks.base import (AdditiveAttack, Attack, PathLike, as_hwc, check_batch,
+from ibau_jax.attacks.base import (AdditiveAttack, PathLike, as_hwc,
                                    check_float, check_int, fit_pattern, frozen,
                                    read_array, seeded_rng)
 
