@@ -91,9 +91,10 @@ def _parse_overrides(items: list[str]) -> dict:
     if not sep or key not in fields or key == "callback":
       raise SystemExit(f"--set expects FIELD=VALUE with FIELD one of "
                        f"{sorted(k for k in fields if k != 'callback')}; got {item!r}")
-    out[key] = json.loads(value) if value not in ("first", "current", "scan", "python",
-                                                  "auto", "sgd", "adam", "neumann", "cg",
-                                                  "normal_cg") else value
+    try:  # numbers, true/false, null; anything else is a string (e.g. solver=cg)
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
   return out
 
 

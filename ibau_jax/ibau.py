@@ -77,7 +77,15 @@ class IBAUConfig:
     perturbed_fraction: fraction of each outer batch that gets ``+δ`` (at least one image).
     hypergrad_batch: ``"first"``: ``L_in`` of the hypergradient uses the round's first batch
       (the paper's code); ``"current"``: the current outer batch.
-    fixed_point_lr: η in the fixed-point map ``Φ(δ, θ) = δ − η ∇_δ L_in``.
+    fixed_point: the map whose fixed point δ* is differentiated.  ``"gradient"``:
+      ``Φ(δ, θ) = δ − η ∇_δ L_in(δ, θ)`` (the paper's code; its fixed points are the
+      stationary points of the unconstrained ``L_in``); ``"projected"``:
+      ``Φ(δ, θ) = Π_C(δ − η ∇_δ L_in(δ, θ))`` with ``Π_C`` the projection on the L2 ball of
+      radius ``norm_bound`` (projected gradient descent, whose fixed points are the
+      stationary points of the constrained inner problem ``min_{‖δ‖≤C} L_in``; when the
+      bound is active its Jacobian drops the radial direction and scales the rest by
+      ``C/‖δ − η∇L_in‖``).  Same as ``"gradient"`` when ``norm_bound`` is None.
+    fixed_point_lr: η in the fixed-point map.
     solver: ``"neumann"``, ``"cg"`` or ``"normal_cg"`` (see :mod:`ibau_jax.hypergrad`).
     solver_iterations: K for Neumann, the maximum iterations for CG.
     solver_tol: relative tolerance for the CG solvers.
@@ -104,6 +112,7 @@ class IBAUConfig:
   clamp: bool = False
   perturbed_fraction: float = 0.01
   hypergrad_batch: str = "first"
+  fixed_point: str = "gradient"
   fixed_point_lr: float = 0.1
   solver: str = "neumann"
   solver_iterations: int = 5
@@ -143,6 +152,9 @@ class IBAUConfig:
     if self.hypergrad_batch not in ("first", "current"):
       raise ValueError(f"IBAUConfig.hypergrad_batch must be 'first' or 'current', "
                        f"got {self.hypergrad_batch!r}")
+    if self.fixed_point not in ("gradient", "projected"):
+      raise ValueError(f"IBAUConfig.fixed_point must be 'gradient' or 'projected', "
+                       f"got {self.fixed_point!r}")
     if not 0.0 < float(self.perturbed_fraction) <= 1.0:
       raise ValueError(f"IBAUConfig.perturbed_fraction must be in (0, 1], "
                        f"got {self.perturbed_fraction!r}")
@@ -163,8 +175,8 @@ class IBAUConfig:
     base = dict(rounds=1, batch_size=100, shuffle=True, inner_epochs=1, inner_lr=10.0,
                 inner_optimizer="sgd", inner_reg=1e-3, pseudo_labels=True, norm_bound=10.0,
                 clamp=False, perturbed_fraction=0.01, hypergrad_batch="first",
-                fixed_point_lr=0.1, solver="neumann", solver_iterations=5,
-                outer_optimizer="adam", outer_lr=1e-3)
+                fixed_point="gradient", fixed_point_lr=0.1, solver="neumann",
+                solver_iterations=5, outer_optimizer="adam", outer_lr=1e-3)
     base.update(overrides)
     return cls(**base)
 
@@ -234,7 +246,8 @@ def hypergradient(config: IBAUConfig, logits_fn: Callable[[PyTree, jax.Array], j
 
       g = ∇_θ L_out(δ, θ) + (∂_θ Φ)ᵀ v,   (I − ∂_δ Φ)ᵀ v = ∇_δ L_out(δ, θ),
 
-  ``Φ(δ, θ) = δ − η ∇_δ L_in(δ, θ)`` with ``L_in`` on ``(x_inner, y_inner)`` and ``L_out`` on
+  ``Φ(δ, θ) = δ − η ∇_δ L_in(δ, θ)`` (projected on the ball of radius C when
+  ``config.fixed_point == "projected"``) with ``L_in`` on ``(x_inner, y_inner)`` and ``L_out`` on
   ``(x, y)`` with δ added where ``mask`` is 1.  δ is treated as the inner solution.
 
   Args:
@@ -250,8 +263,9 @@ def hypergradient(config: IBAUConfig, logits_fn: Callable[[PyTree, jax.Array], j
           delta, params, x, y, mask)
 
   def fixed_point(d, p):
-    return d - config.fixed_point_lr * jax.grad(
+    step = d - config.fixed_point_lr * jax.grad(
         functools.partial(_inner_loss, config, logits_fn))(d, p, x_inner, y_inner)
+    return _project(step, config.norm_bound) if config.fixed_point == "projected" else step
 
   (implicit,), residual = hypergrad.fixed_point_vjp(fixed_point, delta, (params,), g_delta,
                                                     solver)

@@ -575,3 +575,29 @@ def test_poison_errors():
     poison(x * 2, labels, attack, 0.5, key=key)
   with pytest.raises(ValueError, match="Attack or a MultiTarget"):
     poison(x, labels, "badnets", 0.5, key=key)
+
+
+def test_poison_wanet_noise_mode_adds_cross_samples_with_true_labels():
+  labels = np.arange(60, dtype=np.int32) % 6
+  x = _images(n=60, h=8, w=8)
+  attack = WaNet(target=0, strength=0.5, k=2)
+  key = jax.random.PRNGKey(3)
+  base = poison(x, labels, attack, 0.2, key=key)
+  xp, yp, poisoned = poison(x, labels, attack, 0.2, key=key, noise_ratio=0.25, chunk_size=4)
+  # The backdoor samples are those of noise_ratio = 0, labels are untouched elsewhere.
+  np.testing.assert_array_equal(poisoned, base[2])
+  np.testing.assert_array_equal(xp[poisoned], base[0][poisoned])
+  np.testing.assert_array_equal(yp, base[1])
+  changed = np.any(xp != x, axis=(1, 2, 3)) & ~poisoned
+  assert changed.sum() == round(0.25 * 60)
+  # Each noise sample is the noise-mode warp of its image: close to, but not, the trigger.
+  idx = np.flatnonzero(changed)
+  warped = np.asarray(attack.apply(jnp.asarray(x[idx])))
+  assert np.all(np.abs(xp[idx] - warped).max(axis=(1, 2, 3)) > 0)
+  assert np.abs(xp[idx] - warped).mean() < np.abs(xp[idx] - x[idx]).mean()
+  again = poison(x, labels, attack, 0.2, key=key, noise_ratio=0.25)
+  np.testing.assert_array_equal(again[0], xp)
+  with pytest.raises(ValueError, match="noise mode"):
+    poison(x, labels, BadNets(target=0), 0.2, key=key, noise_ratio=0.1)
+  with pytest.raises(ValueError, match="only .* are not poisoned"):
+    poison(x, labels, attack, 0.5, key=key, noise_ratio=0.9)

@@ -120,6 +120,54 @@ def test_step_hypergradient_matches_explicit_hessians(solver, iterations):
     assert float(residual) < 1e-3
 
 
+def _brute_force_projected(config, params, rest, delta, x, y, mask, xin, yin, neumann_k=None):
+  """The same for Φ = Π_C(δ − η∇_δL_in), with the projection's Jacobian written out:
+  at z = δ − η∇_δL_in with ‖z‖ > C, ∂Π_C(z) = (C/‖z‖)(I − ẑẑᵀ)."""
+  flat_p, unravel = ravel_pytree(params)
+  d_shape = delta.shape
+  logits_fn = lambda p, img: apply_fn({"params": p, **rest}, img)
+  l_in = lambda d, p: ibau._inner_loss(config, logits_fn, d.reshape(d_shape), unravel(p), xin,
+                                       yin)
+  l_out = lambda d, p: ibau._outer_loss(config, logits_fn, d.reshape(d_shape), unravel(p), x,
+                                        y, mask)
+  d_flat = delta.reshape(-1)
+  eta, bound = config.fixed_point_lr, config.norm_bound
+  z = np.asarray(d_flat - eta * jax.grad(l_in)(d_flat, flat_p), np.float64)
+  assert np.linalg.norm(z) > bound, "the test needs the bound to be active"
+  z_hat = z / np.linalg.norm(z)
+  proj = bound / np.linalg.norm(z) * (np.eye(z.size) - np.outer(z_hat, z_hat))
+  g_d, g_p = (np.asarray(g, np.float64) for g in jax.grad(l_out, argnums=(0, 1))(d_flat, flat_p))
+  h_dd = np.asarray(jax.hessian(l_in, argnums=0)(d_flat, flat_p), np.float64)
+  h_pd = np.asarray(jax.jacobian(jax.grad(l_in, argnums=0), argnums=1)(d_flat, flat_p),
+                    np.float64)
+  jac_d = proj @ (np.eye(z.size) - eta * h_dd)
+  jac_p = proj @ (-eta * h_pd)
+  if neumann_k is None:
+    v = np.linalg.solve((np.eye(z.size) - jac_d).T, g_d)
+  else:
+    v = np.zeros_like(g_d)
+    for _ in range(neumann_k):
+      v = jac_d.T @ v + g_d
+  return g_p + jac_p.T @ v
+
+
+@pytest.mark.parametrize("solver,iterations", [("normal_cg", 400), ("neumann", 5)])
+def test_projected_fixed_point_hypergradient_matches_explicit_jacobians(solver, iterations):
+  config = ibau_jax.IBAUConfig(inner_reg=2.0, fixed_point_lr=0.1, norm_bound=0.5,
+                               fixed_point="projected", solver=solver,
+                               solver_iterations=iterations, solver_tol=1e-12)
+  params, rest, delta, x, y, mask, xin, yin = _one_step_inputs()
+  logits_fn = lambda p, img: apply_fn({"params": p, **rest}, img)
+  _, grads, _ = ibau.hypergradient(config, logits_fn, params, delta, x, y, mask, xin, yin)
+  got = np.asarray(ravel_pytree(grads)[0], np.float64)
+  k = iterations if solver == "neumann" else None
+  expected = _brute_force_projected(config, params, rest, delta, x, y, mask, xin, yin, k)
+  np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-5)
+  # The projection changes the answer: the unprojected map's hypergradient is far from it.
+  unprojected = _brute_force(config, params, rest, delta, x, y, mask, xin, yin, k)
+  assert np.linalg.norm(unprojected - expected) > 10 * np.linalg.norm(got - expected)
+
+
 def test_unperturbed_images_do_not_see_delta():
   """With an all-zero mask, L_out does not depend on δ: ∇_δ L_out = 0, no implicit term."""
   config = ibau_jax.IBAUConfig(clamp=False)
@@ -271,7 +319,7 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("inner_lr", float("nan")), ("solver", "lu"), ("solver_iterations", -1),
     ("perturbed_fraction", 0.0), ("perturbed_fraction", 1.5), ("inner_optimizer", "lbfgs"),
     ("outer_optimizer", "rmsprop"), ("hypergrad_batch", "last"), ("norm_bound", -1.0),
-    ("rounds", True), ("loop", "vmap"),
+    ("rounds", True), ("loop", "vmap"), ("fixed_point", "newton"),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):

@@ -101,6 +101,9 @@ def assign(labels: Any, attack: AnyAttack, ratio: float, *, key: jax.Array,
   return which
 
 
+_NOISE_CHUNK = 1024
+
+
 def _apply_in_chunks(attack: Attack, images: np.ndarray, chunk: int) -> np.ndarray:
   """``attack.apply`` on ``images`` in fixed-size jitted chunks (last one padded)."""
   n = images.shape[0]
@@ -118,7 +121,8 @@ def _apply_in_chunks(attack: Attack, images: np.ndarray, chunk: int) -> np.ndarr
 
 def poison(images: Any, labels: Any, attack: AnyAttack, ratio: float, *,
            key: jax.Array, num_classes: Optional[int] = None,
-           chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           chunk_size: int = 1024,
+           noise_ratio: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Poisoned copy of a data set.
 
   Args:
@@ -130,6 +134,11 @@ def poison(images: Any, labels: Any, attack: AnyAttack, ratio: float, *,
     num_classes: number of classes, for all-to-all labels (if the attack has
       none) and to check the labels.
     chunk_size: the trigger runs jitted on chunks of this many images.
+    noise_ratio: for attacks with a noise mode (``apply_noise(images, key)``, e.g. WaNet):
+      ``round(noise_ratio * N)`` of the images that are NOT poisoned, drawn uniformly from
+      ``fold_in(key, 1)``, get the noise-mode trigger and keep their true labels (WaNet's
+      "cross" samples; its paper uses twice the backdoor ratio).  They are not marked in
+      the returned mask.  0 (default): no noise samples.
 
   Returns:
     NumPy arrays ``(images, labels, poisoned)``: copies of the inputs with the
@@ -147,7 +156,27 @@ def poison(images: Any, labels: Any, attack: AnyAttack, ratio: float, *,
                       or images.max() > 1):
     raise ValueError("poison: images must be finite and in [0, 1]")
   labels = _check_labels(labels, images.shape[0], None).copy()
+  noise_ratio = float(noise_ratio)
+  if not 0.0 <= noise_ratio <= 1.0:
+    raise ValueError(f"poison: noise_ratio must be in [0, 1], got {noise_ratio}")
+  if noise_ratio > 0 and not hasattr(attack, "apply_noise"):
+    raise ValueError(f"poison: noise_ratio > 0 needs an attack with a noise mode "
+                     f"(apply_noise), got {type(attack).__name__}")
   which = assign(labels, attack, ratio, key=key, num_classes=num_classes)
+  if noise_ratio > 0:
+    free = np.flatnonzero(which < 0)
+    count = int(round(noise_ratio * images.shape[0]))
+    if count > free.size:
+      raise ValueError(f"poison: noise_ratio {noise_ratio} asks for {count} noise images "
+                       f"but only {free.size} are not poisoned")
+    k_pick, k_noise = jax.random.split(jax.random.fold_in(key, 1))
+    order = np.asarray(jax.random.permutation(k_pick, free.size))
+    noisy = np.sort(free[order[:count]])
+    # Fixed chunks, so the noise depends on the key alone (not on chunk_size).
+    for start in range(0, noisy.size, _NOISE_CHUNK):
+      part = noisy[start:start + _NOISE_CHUNK]
+      images[part] = np.asarray(attack.apply_noise(
+          jnp.asarray(images[part]), jax.random.fold_in(k_noise, start)))
   for k, a in enumerate(_sub_attacks(attack)):
     index = np.flatnonzero(which == k)
     if not index.size:
