@@ -72,7 +72,11 @@ class IBAUConfig:
     inner_optimizer: ``"sgd"`` or ``"adam"``, the inner optimizer (on −L_in's ascent).
     inner_reg: λ in ``L_in = −CE + λ‖δ‖²``.
     pseudo_labels: fit δ against the model's own predictions (True) or the true labels.
-    norm_bound: C, the L2 radius δ is projected on after the inner pass; None: no projection.
+    norm_bound: C, the L2 radius of the inner problem's ball; None: no constraint.
+    inner_projection: when δ is projected on the ball: ``"end"``, once after the inner pass
+      (the paper's notebooks: the steps themselves are unconstrained, so δ can grow far
+      beyond C and only its direction survives the projection); ``"step"``, after every inner
+      step (projected gradient descent on the constrained problem).
     clamp: clip ``x + δ`` to [0, 1] wherever the model sees a perturbed image.
     perturbed_fraction: fraction of each outer batch that gets ``+δ`` (at least one image).
     hypergrad_batch: ``"first"``: ``L_in`` of the hypergradient uses the round's first batch
@@ -109,6 +113,7 @@ class IBAUConfig:
   inner_reg: float = 1e-3
   pseudo_labels: bool = True
   norm_bound: Optional[float] = 10.0
+  inner_projection: str = "end"
   clamp: bool = False
   perturbed_fraction: float = 0.01
   hypergrad_batch: str = "first"
@@ -152,6 +157,9 @@ class IBAUConfig:
     if self.hypergrad_batch not in ("first", "current"):
       raise ValueError(f"IBAUConfig.hypergrad_batch must be 'first' or 'current', "
                        f"got {self.hypergrad_batch!r}")
+    if self.inner_projection not in ("end", "step"):
+      raise ValueError(f"IBAUConfig.inner_projection must be 'end' or 'step', "
+                       f"got {self.inner_projection!r}")
     if self.fixed_point not in ("gradient", "projected"):
       raise ValueError(f"IBAUConfig.fixed_point must be 'gradient' or 'projected', "
                        f"got {self.fixed_point!r}")
@@ -174,9 +182,9 @@ class IBAUConfig:
     ``L_in`` on the first batch, η = 0.1, Neumann K = 5, Adam lr 1e-3."""
     base = dict(rounds=1, batch_size=100, shuffle=True, inner_epochs=1, inner_lr=10.0,
                 inner_optimizer="sgd", inner_reg=1e-3, pseudo_labels=True, norm_bound=10.0,
-                clamp=False, perturbed_fraction=0.01, hypergrad_batch="first",
-                fixed_point="gradient", fixed_point_lr=0.1, solver="neumann",
-                solver_iterations=5, outer_optimizer="adam", outer_lr=1e-3)
+                inner_projection="end", clamp=False, perturbed_fraction=0.01,
+                hypergrad_batch="first", fixed_point="gradient", fixed_point_lr=0.1,
+                solver="neumann", solver_iterations=5, outer_optimizer="adam", outer_lr=1e-3)
     base.update(overrides)
     return cls(**base)
 
@@ -302,7 +310,10 @@ def _inner_step(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, rest: PyT
   loss, g = jax.value_and_grad(functools.partial(_inner_loss, config, logits_fn))(
       delta, params, x, y)
   updates, state = _inner_tx(config).update(g, state, delta)
-  return optax.apply_updates(delta, updates), state, loss
+  delta = optax.apply_updates(delta, updates)
+  if config.inner_projection == "step":
+    delta = _project(delta, config.norm_bound)
+  return delta, state, loss
 
 
 def _outer_step(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state: PyTree,

@@ -319,7 +319,7 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("inner_lr", float("nan")), ("solver", "lu"), ("solver_iterations", -1),
     ("perturbed_fraction", 0.0), ("perturbed_fraction", 1.5), ("inner_optimizer", "lbfgs"),
     ("outer_optimizer", "rmsprop"), ("hypergrad_batch", "last"), ("norm_bound", -1.0),
-    ("rounds", True), ("loop", "vmap"), ("fixed_point", "newton"),
+    ("rounds", True), ("loop", "vmap"), ("fixed_point", "newton"), ("inner_projection", "never"),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
@@ -343,3 +343,21 @@ def test_non_finite_hypergradient_stops_with_clear_error_and_leaves_input_untouc
   with pytest.raises(ibau_jax.NonFiniteHypergradientError, match="round 0 at outer step 0"):
     ibau_jax.unlearn(model.apply, variables, x, y, SMALL, key=jax.random.PRNGKey(0))
   jax.tree_util.tree_map(np.testing.assert_array_equal, variables, copy)
+
+
+def test_inner_projection_step_keeps_every_iterate_in_the_ball():
+  variables = _variables()
+  x, y = _data(8)
+  params, rest = variables["params"], {"batch_stats": variables["batch_stats"]}
+  norms = {}
+  for where in ("end", "step"):
+    config = ibau_jax.IBAUConfig(norm_bound=0.5, inner_lr=50.0, inner_projection=where)
+    delta = jnp.zeros((H, W, 3))
+    state = ibau._inner_tx(config).init(delta)
+    norms[where] = []
+    for _ in range(4):
+      delta, state, _ = ibau._inner_step(config, apply_fn, params, rest, delta, state, x, y)
+      norms[where].append(float(jnp.linalg.norm(delta)))
+  assert max(norms["step"]) <= 0.5 + 1e-5
+  assert norms["step"][-1] == pytest.approx(0.5, rel=1e-4)  # the ascent pushes onto the sphere
+  assert max(norms["end"]) > 0.5  # unconstrained steps leave the ball
