@@ -289,8 +289,10 @@ def _inner_tx(config: IBAUConfig) -> optax.GradientTransformation:
       config.inner_lr)
 
 
-def _batches(config: IBAUConfig, images: jax.Array, labels: jax.Array, key: jax.Array):
-  """Shuffles (if configured) and splits into ``(num_batches, B, ...)`` full batches."""
+def _batches(config: IBAUConfig, images: jax.Array, labels: jax.Array, key: jax.Array,
+             sharding: Optional[jax.sharding.Sharding] = None):
+  """Shuffles (if configured) and splits into ``(num_batches, B, ...)`` full batches; with a
+  ``sharding`` (over the ``B`` axis) the batches are laid out split across devices."""
   n, bsz = images.shape[0], config.batch_size
   num_batches = n // bsz
   if config.shuffle:
@@ -298,7 +300,30 @@ def _batches(config: IBAUConfig, images: jax.Array, labels: jax.Array, key: jax.
     images, labels = images[order], labels[order]
   xb = images[:num_batches * bsz].reshape((num_batches, bsz) + images.shape[1:])
   yb = labels[:num_batches * bsz].reshape((num_batches, bsz))
+  if sharding is not None:
+    xb = jax.lax.with_sharding_constraint(xb, _batch_axis(sharding, xb.ndim))
+    yb = jax.lax.with_sharding_constraint(yb, _batch_axis(sharding, yb.ndim))
   return xb, yb
+
+
+def _batch_axis(sharding: Optional[jax.sharding.NamedSharding], ndim: int, lead: int = 1):
+  """``sharding``'s mesh split along axis ``lead`` of an ``ndim``-array (None: unsharded)."""
+  if sharding is None:
+    return None
+  spec = [None] * ndim
+  spec[lead] = sharding.mesh.axis_names[0]
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _take(xb: jax.Array, yb: jax.Array, index: jax.Array,
+          sharding: Optional[jax.sharding.NamedSharding] = None):
+  """Batch ``index`` of ``(xb, yb)``, kept split across devices when ``sharding`` is given."""
+  x = jax.lax.dynamic_index_in_dim(xb, index, keepdims=False)
+  y = jax.lax.dynamic_index_in_dim(yb, index, keepdims=False)
+  if sharding is not None:
+    x = jax.lax.with_sharding_constraint(x, _batch_axis(sharding, x.ndim, 0))
+    y = jax.lax.with_sharding_constraint(y, _batch_axis(sharding, y.ndim, 0))
+  return x, y
 
 
 def _inner_step(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, rest: PyTree,
@@ -349,10 +374,11 @@ def _round_stats(delta, inner_losses, outer_losses, residuals, finite):
 
 
 def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state: PyTree,
-                rest: PyTree, images: jax.Array, labels: jax.Array, key: jax.Array):
+                rest: PyTree, images: jax.Array, labels: jax.Array, key: jax.Array,
+                sharding: Optional[jax.sharding.NamedSharding] = None):
   """One whole round as one compiled program (``lax.scan`` over batches)."""
   k_perm, k_mask = jax.random.split(key)
-  xb, yb = _batches(config, images, labels, k_perm)
+  xb, yb = _batches(config, images, labels, k_perm, sharding)
   delta0 = jnp.zeros(images.shape[1:], images.dtype)
 
   def inner(carry, batch):
@@ -380,8 +406,9 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
                                                 finite)
 
 
-_round_scan_jit = jax.jit(_round_scan, static_argnums=(0, 1))
-_batches_jit = jax.jit(_batches, static_argnums=(0,))
+_round_scan_jit = jax.jit(_round_scan, static_argnums=(0, 1, 8))
+_batches_jit = jax.jit(_batches, static_argnums=(0, 4))
+_take_jit = jax.jit(_take, static_argnums=(3,))
 _inner_step_jit = jax.jit(_inner_step, static_argnums=(0, 1))
 _outer_step_jit = jax.jit(_outer_step, static_argnums=(0, 1))
 _project_jit = jax.jit(_project, static_argnums=(1,))
@@ -389,7 +416,8 @@ _round_stats_jit = jax.jit(_round_stats)
 
 
 def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state: PyTree,
-                 rest: PyTree, images: jax.Array, labels: jax.Array, key: jax.Array):
+                 rest: PyTree, images: jax.Array, labels: jax.Array, key: jax.Array,
+                 sharding: Optional[jax.sharding.NamedSharding] = None):
   """The same round as :func:`_round_scan`, one compiled program per step.
 
   XLA:CPU runs convolution gradients inside while-loop bodies many times slower than the
@@ -398,21 +426,21 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
   until the round's statistics are read.
   """
   k_perm, k_mask = jax.random.split(key)
-  xb, yb = _batches_jit(config, images, labels, k_perm)
+  xb, yb = _batches_jit(config, images, labels, k_perm, sharding)
+  batches = [_take_jit(xb, yb, b, sharding) for b in range(xb.shape[0])]
   delta = jnp.zeros(images.shape[1:], images.dtype)
   state = _inner_tx(config).init(delta)
   inner_losses = []
   for _ in range(config.inner_epochs):
-    for b in range(xb.shape[0]):
-      delta, state, loss = _inner_step_jit(config, apply_fn, params, rest, delta, state,
-                                           xb[b], yb[b])
+    for x, y in batches:
+      delta, state, loss = _inner_step_jit(config, apply_fn, params, rest, delta, state, x, y)
       inner_losses.append(loss)
   delta = _project_jit(delta, config.norm_bound)
   ok = jnp.asarray(True)
   outer_losses, residuals, finites = [], [], []
-  for b in range(xb.shape[0]):
+  for b, (x, y) in enumerate(batches):
     params, opt_state, finite, loss, residual = _outer_step_jit(
-        config, apply_fn, params, opt_state, rest, delta, xb[b], yb[b], xb[0], yb[0],
+        config, apply_fn, params, opt_state, rest, delta, x, y, *batches[0],
         jax.random.fold_in(k_mask, b), ok)
     ok = ok & finite
     outer_losses.append(loss)
@@ -426,7 +454,8 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
 def _compiled_programs() -> int:
   """How many programs the round functions have compiled so far (for tests)."""
   return sum(f._cache_size() for f in (_round_scan_jit, _batches_jit, _inner_step_jit,  # pylint: disable=protected-access
-                                       _outer_step_jit, _project_jit, _round_stats_jit))
+                                       _outer_step_jit, _project_jit, _round_stats_jit,
+                                       _take_jit))
 
 
 # --------------------------------------------------------------------------------------
@@ -489,7 +518,8 @@ def _validate(apply_fn, variables, images, labels, config) -> int:
 
 
 def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
-            config: IBAUConfig = IBAUConfig(), *, key: jax.Array) -> UnlearnResult:
+            config: IBAUConfig = IBAUConfig(), *, key: jax.Array,
+            mesh: Optional[jax.sharding.Mesh] = None) -> UnlearnResult:
   """Removes a backdoor from a classifier with I-BAU (see the module docstring for the math).
 
   Args:
@@ -502,6 +532,15 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
     labels: their integer labels ``(N,)`` in [0, num_classes).
     config: an :class:`IBAUConfig`; :meth:`IBAUConfig.official` for the paper's code.
     key: a PRNG key (shuffling and the choice of perturbed images).
+    mesh: the devices to run on, a :class:`jax.sharding.Mesh` whose first axis splits every
+      batch.  None (default): all visible devices (``jax.devices()``), which on one device
+      is plain single-device execution.  With several devices the clean set is replicated,
+      each batch of ``batch_size`` images is split evenly over the devices (so
+      ``batch_size`` must be divisible by their number), parameters, optimizer state and δ
+      are replicated, and XLA sums the per-device parts of every loss, gradient and
+      Hessian-vector product: the result is the single-device result up to floating-point
+      summation order.  On several hosts (``jax.distributed.initialize()``), every host
+      calls ``unlearn`` with the same arguments; ``jax.devices()`` then spans all hosts.
 
   Returns:
     An :class:`UnlearnResult` with the new variables, the per-round history and the last δ.
@@ -512,10 +551,25 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
       and the input ``variables`` are left as they were (JAX arrays are never mutated).
   """
   _validate(apply_fn, variables, images, labels, config)
-  images = jnp.asarray(images, jnp.float32)
-  labels = jnp.asarray(labels, jnp.int32)
+  if mesh is None and jax.device_count() > 1:
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
+  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+  sharding = None
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels, np.int32)
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
+  if mesh is not None:
+    n_dev = mesh.devices.shape[0]
+    if config.batch_size % n_dev:
+      raise ValueError(f"batch_size={config.batch_size} is not divisible by the {n_dev} "
+                       f"devices of the mesh's first axis; use a multiple of {n_dev}")
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    images, labels, params, rest = jax.device_put((images, labels, params, rest), replicated)
+  else:
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
   static = dataclasses.replace(config, callback=None)
   loop = config.loop
   if loop == "auto":
@@ -527,7 +581,8 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
   for r in range(config.rounds):
     start = time.perf_counter()
     params, opt_state, delta, stats = round_fn(static, apply_fn, params, opt_state, rest,
-                                               images, labels, jax.random.fold_in(key, r))
+                                               images, labels, jax.random.fold_in(key, r),
+                                               sharding)
     stats = jax.device_get(stats)
     seconds = time.perf_counter() - start
     if not bool(stats["finite"]):

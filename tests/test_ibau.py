@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -361,3 +366,61 @@ def test_inner_projection_step_keeps_every_iterate_in_the_ball():
   assert max(norms["step"]) <= 0.5 + 1e-5
   assert norms["step"][-1] == pytest.approx(0.5, rel=1e-4)  # the ascent pushes onto the sphere
   assert max(norms["end"]) > 0.5  # unconstrained steps leave the ball
+
+
+# ----------------------------------------------------------------------------------------
+# Several devices (forced host devices in a child process)
+# ----------------------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent("""
+    import sys
+    import jax
+    import numpy as np
+    sys.path.insert(0, {tests_dir!r})
+    import test_ibau as t
+    import ibau_jax
+    assert jax.device_count() == 4, jax.devices()
+    one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("batch",))
+    variables = t._variables()
+    x, y = t._data(24)
+    for loop in ("python", "scan"):
+      config = t.SMALL.replace(loop=loop)
+      a = ibau_jax.unlearn(t.apply_fn, variables, x, y, config, key=jax.random.PRNGKey(5))
+      b = ibau_jax.unlearn(t.apply_fn, variables, x, y, config, key=jax.random.PRNGKey(5),
+                           mesh=one)
+      leaf = jax.tree_util.tree_leaves(a.variables["params"])[0]
+      assert len(leaf.sharding.device_set) == 4, leaf.sharding
+      jax.tree_util.tree_map(
+          lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-5),
+          a.variables, b.variables)
+      for ha, hb in zip(a.history, b.history):
+        for k in ("inner_loss", "outer_loss", "delta_norm"):
+          np.testing.assert_allclose(ha[k], hb[k], rtol=1e-4, atol=1e-6)
+      assert np.abs(np.asarray(a.perturbation) - np.asarray(b.perturbation)).max() < 1e-4
+    # Each batch is split: every device holds batch_size / 4 of its images.
+    from ibau_jax import ibau
+    split = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",)),
+                                       jax.sharding.PartitionSpec("batch"))
+    xb, yb = ibau._batches_jit(t.SMALL, jax.numpy.asarray(x), jax.numpy.asarray(y),
+                               jax.random.PRNGKey(0), split)
+    xs, ys = ibau._take_jit(xb, yb, 1, split)
+    assert xs.sharding.shard_shape(xs.shape)[0] == 2 and ys.sharding.shard_shape(ys.shape) == (2,)
+    try:
+      ibau_jax.unlearn(t.apply_fn, variables, x, y, t.SMALL.replace(batch_size=6),
+                       key=jax.random.PRNGKey(5))
+    except ValueError as e:
+      assert "not divisible by the 4 devices" in str(e), e
+    else:
+      raise AssertionError("batch_size 6 on 4 devices did not raise")
+    print("OK")
+""")
+
+
+def test_four_devices_match_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  code = _CHILD.format(tests_dir=str(pathlib.Path(__file__).parent))
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().endswith("OK")
