@@ -1,0 +1,679 @@
+"""The experiment pipeline behind ``python -m experiments.cifar10`` and ``experiments.gtsrb``.
+
+One cell = (attack, defense, seed):
+
+1. load the data set (``--data-dir`` / ``$IBAU_DATA_DIR`` ``.npz`` arrays, else
+   tensorflow-datasets; the ``smoke`` preset makes a small synthetic set instead);
+2. poison the attacker's training images at ``poison_ratio`` with the attack (a pure function
+   of the seed) and train the model on them, or reuse the model a previous cell or run trained
+   with the same data, attack and training configuration (``workdir/models/``; an interrupted
+   training resumes from its last epoch);
+3. evaluate clean accuracy (ACC), attack success rate on triggered non-target images (ASR) and
+   robust accuracy (RA) on the evaluation images;
+4. run the defense on the defender's clean set (held out from training), evaluating after
+   every round;
+5. write the cell atomically to ``workdir/cells/``, then refresh ``results.json``,
+   ``results.csv``, ``results.md`` and the plots in ``workdir/plots/``.
+
+Finished cells are skipped when the same command runs again, so a sweep killed at any moment
+(even ``kill -9``) continues where it stopped.  ``workdir/config.json`` holds the resolved
+configuration; a work directory made with a different configuration is refused.
+
+Splits.  CIFAR-10: the attacker trains on the first ``train_size`` (45,000) training images,
+the defender's clean set is the last ``clean_size`` (5,000) training images, evaluation is the
+10,000 test images.  GTSRB (only a training subset is shipped in ``../shared/data``): the
+attacker trains on ``gtsrb/train_subset``; as in the paper, the defender's clean set is the
+first ``clean_size`` images of a seed-0 permutation of the test set and the remaining test
+images are for evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+PRESETS = ("smoke", "cpu", "paper")
+DEFENSES = ("ibau", "none")
+DATASETS = {"cifar10": 10, "gtsrb": 43}
+# Attack names of the experiments: the registry's plus the all-to-all BadNets and a clean
+# model ("clean": no poisoning; ASR is then that of the BadNets trigger on a clean model).
+EXTRA_ATTACKS = ("badnets_all_to_all", "clean")
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything that determines a sweep's results (saved as ``workdir/config.json``).
+
+  Attributes:
+    dataset: ``"cifar10"`` or ``"gtsrb"``.
+    preset: the preset the other values came from (``smoke``, ``cpu``, ``paper``).
+    attacks: attack names (see :func:`attack_names`).
+    defenses: defense names (``ibau``; ``none`` evaluates the poisoned model only).
+    seeds: one cell per seed; the seed drives poisoning, training and the defense.
+    target: the target class of all-to-one attacks.
+    poison_ratio: fraction of the eligible training images that get the trigger.
+    model: a registered model name; ``model_widths`` overrides small-VGG16's stage widths.
+    model_widths: None or the three stage widths of ``small_vgg16``.
+    train_size: attacker's training images (CIFAR-10: the first ones; GTSRB: at most the
+      training subset's size).
+    clean_size: the defender's clean images.
+    eval_size: evaluation images (None: all that are left).
+    synthetic: use a generated data set (the smoke preset; no files needed).
+    train: :class:`ibau_jax.train.TrainConfig` fields for the attacker's training.
+    ibau: :class:`ibau_jax.IBAUConfig` fields that differ from the default.
+  """
+
+  dataset: str
+  preset: str = "cpu"
+  attacks: tuple[str, ...] = ("badnets",)
+  defenses: tuple[str, ...] = ("ibau",)
+  seeds: tuple[int, ...] = (0,)
+  target: int = 0
+  poison_ratio: float = 0.1
+  model: str = "small_vgg16"
+  model_widths: Optional[tuple[int, ...]] = None
+  train_size: int = 45000
+  clean_size: int = 5000
+  eval_size: Optional[int] = None
+  synthetic: bool = False
+  train: dict = dataclasses.field(default_factory=dict)
+  ibau: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.dataset not in DATASETS:
+      raise ValueError(f"unknown dataset {self.dataset!r}; choose from {sorted(DATASETS)}")
+    if self.preset not in PRESETS:
+      raise ValueError(f"unknown preset {self.preset!r}; choose from {PRESETS}")
+    unknown = [a for a in self.attacks if a not in attack_names()]
+    if unknown or not self.attacks:
+      raise ValueError(f"unknown attack(s) {unknown}; choose from {attack_names()} or 'all'")
+    unknown = [d for d in self.defenses if d not in DEFENSES]
+    if unknown or not self.defenses:
+      raise ValueError(f"unknown defense(s) {unknown}; choose from {list(DEFENSES)} or 'all'")
+    if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+      raise ValueError(f"seeds must be non-negative integers, got {self.seeds!r}")
+    if not 0 <= self.target < DATASETS[self.dataset]:
+      raise ValueError(f"target must be in [0, {DATASETS[self.dataset]}), got {self.target}")
+    if not 0 < self.poison_ratio <= 1:
+      raise ValueError(f"poison_ratio must be in (0, 1], got {self.poison_ratio}")
+    for name in ("train_size", "clean_size"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    self.train_config()  # validates the nested fields
+    self.ibau_config()
+
+  def train_config(self):
+    from ibau_jax import train as train_lib
+    try:
+      return train_lib.TrainConfig.from_dict(self.train)
+    except TypeError as e:
+      raise ValueError(f"bad train fields {self.train}: {e}") from None
+
+  def ibau_config(self, **extra):
+    import ibau_jax
+    fields = {f.name for f in dataclasses.fields(ibau_jax.IBAUConfig)} - {"callback"}
+    unknown = set(self.ibau) - fields
+    if unknown:
+      raise ValueError(f"unknown ibau fields {sorted(unknown)}; choose from {sorted(fields)}")
+    return ibau_jax.IBAUConfig(**{**self.ibau, **extra})
+
+  def to_dict(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ExperimentConfig":
+    d = dict(d)
+    for name in ("attacks", "defenses", "seeds", "model_widths"):
+      if d.get(name) is not None:
+        d[name] = tuple(d[name])
+    return cls(**d)
+
+
+def attack_names() -> list[str]:
+  from ibau_jax import attacks
+  return sorted(attacks.attack_names()) + list(EXTRA_ATTACKS)
+
+
+def preset(name: str, dataset: str) -> ExperimentConfig:
+  """The named preset for ``dataset``.
+
+  * ``smoke``: a synthetic 32x32 data set (2,000 training images), a narrow small-VGG16
+    (widths 8, 16, 32), 2 training epochs and 1 I-BAU round: about a minute on 2 CPU cores,
+    for checking that everything runs.
+  * ``cpu``: the 2-core CPU budget: small-VGG16 trained with the CPU training preset
+    (:data:`ibau_jax.train.CPU_PRESET`), then the default I-BAU.
+  * ``paper``: the paper's training (:data:`ibau_jax.train.PAPER_PRESET`, 50 epochs;
+    for accelerators), then the default I-BAU.
+  """
+  from ibau_jax import train as train_lib
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; choose from {PRESETS}")
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+  train_size = 45000 if dataset == "cifar10" else 10003
+  target = 8 if dataset == "cifar10" else 8
+  if name == "smoke":
+    return ExperimentConfig(
+        dataset=dataset, preset=name, target=1, poison_ratio=0.1, model_widths=(8, 16, 32),
+        train_size=2000, clean_size=400, eval_size=400, synthetic=True,
+        train=train_lib.TrainConfig(epochs=2, batch_size=100, optimizer="adam",
+                                    learning_rate=2e-3, weight_decay=0.0,
+                                    augment=False).to_dict(),
+        ibau=dict(rounds=1, batch_size=100))
+  base = train_lib.CPU_PRESET if name == "cpu" else train_lib.PAPER_PRESET
+  return ExperimentConfig(dataset=dataset, preset=name, target=target, poison_ratio=0.1,
+                          train_size=train_size, clean_size=5000, train=base.to_dict())
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  train_x: np.ndarray
+  train_y: np.ndarray
+  clean_x: np.ndarray
+  clean_y: np.ndarray
+  eval_x: np.ndarray
+  eval_y: np.ndarray
+
+
+def synthetic_data(num_classes: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """A learnable synthetic image set: each class is a smooth random colour field plus
+  noise, float32 ``(n, 32, 32, 3)`` in [0, 1] with balanced labels."""
+  rng = np.random.RandomState(seed)
+  coarse = rng.rand(num_classes, 4, 4, 3)
+  fields = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
+  labels = (np.arange(n) % num_classes).astype(np.int32)
+  rng.shuffle(labels)
+  images = 0.6 * fields[labels] + 0.4 * rng.rand(n, 32, 32, 3)
+  return images.astype(np.float32), labels
+
+
+def load_splits(config: ExperimentConfig, data_dir: Optional[str]) -> Splits:
+  from ibau_jax import data as data_lib
+  num_classes = DATASETS[config.dataset]
+  if config.synthetic:
+    n = config.train_size + config.clean_size + (config.eval_size or 1000)
+    x, y = synthetic_data(num_classes, n)
+    a, b = config.train_size, config.train_size + config.clean_size
+    return Splits(x[:a], y[:a], x[a:b], y[a:b], x[b:], y[b:])
+  kwargs = dict(data_dir=data_dir, download=data_dir is None)
+  if config.dataset == "cifar10":
+    train = data_lib.load("cifar10", "train", **kwargs)
+    test = data_lib.load("cifar10", "test", **kwargs)
+    n = train.images.shape[0]
+    if config.train_size + config.clean_size > n:
+      raise ValueError(f"train_size + clean_size = {config.train_size + config.clean_size} "
+                       f"exceeds the {n} CIFAR-10 training images")
+    tx, ty = train.images[:config.train_size], train.labels[:config.train_size]
+    cx, cy = train.images[n - config.clean_size:], train.labels[n - config.clean_size:]
+    ex, ey = test.images, test.labels
+  else:
+    train = data_lib.load("gtsrb", "train", **kwargs)
+    test = data_lib.load("gtsrb", "test", **kwargs)
+    tx, ty = train.images[:config.train_size], train.labels[:config.train_size]
+    order = np.random.RandomState(0).permutation(test.images.shape[0])
+    if config.clean_size >= order.size:
+      raise ValueError(f"clean_size {config.clean_size} leaves no GTSRB test image to evaluate")
+    cx, cy = test.images[order[:config.clean_size]], test.labels[order[:config.clean_size]]
+    ex, ey = test.images[order[config.clean_size:]], test.labels[order[config.clean_size:]]
+  if config.eval_size is not None:
+    ex, ey = ex[:config.eval_size], ey[:config.eval_size]
+  f = data_lib.to_float
+  return Splits(f(tx), np.asarray(ty, np.int32), f(cx), np.asarray(cy, np.int32), f(ex),
+                np.asarray(ey, np.int32))
+
+
+# --------------------------------------------------------------------------------------
+# One cell
+# --------------------------------------------------------------------------------------
+
+
+def make_attack(name: str, config: ExperimentConfig):
+  from ibau_jax import attacks
+  num_classes = DATASETS[config.dataset]
+  if name in ("clean", "badnets"):
+    return attacks.get_attack("badnets", target=config.target, num_classes=num_classes)
+  if name == "badnets_all_to_all":
+    return attacks.get_attack("badnets", mode="all_to_all", num_classes=num_classes)
+  return attacks.get_attack(name, target=config.target, num_classes=num_classes)
+
+
+def _model(config: ExperimentConfig):
+  from ibau_jax.models import get_model
+  kwargs = {"widths": config.model_widths} if config.model_widths else {}
+  return get_model(config.model, DATASETS[config.dataset], **kwargs)
+
+
+def _digest(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  _atomic_write_bytes(path, text.encode())
+
+
+def cell_name(attack: str, defense: str, seed: int) -> str:
+  return f"{attack}__{defense}__seed{seed}"
+
+
+def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits: Splits,
+                   workdir: pathlib.Path, log: Callable[[str], None], progress: bool):
+  """Poisons and trains (or loads the cached model); returns ``(variables, info)``."""
+  import flax.serialization
+  import jax
+  from ibau_jax import attacks
+  from ibau_jax import train as train_lib
+
+  spec = dict(dataset=config.dataset, attack=attack_name, seed=seed, target=config.target,
+              poison_ratio=config.poison_ratio, model=config.model,
+              model_widths=config.model_widths, train_size=config.train_size,
+              synthetic=config.synthetic, train=config.train)
+  folder = workdir / "models" / f"{attack_name}_seed{seed}_{_digest(spec)}"
+  final = folder / "variables.msgpack"
+  model = _model(config)
+  tconfig = config.train_config()
+  if final.is_file():
+    info = json.loads((folder / "info.json").read_text())
+    template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                 splits.train_x[:1], train=False))
+    template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
+    variables = flax.serialization.from_bytes(template, final.read_bytes())
+    log(f"  model: reused {folder.name} (trained in {info['train_seconds'] / 60:.1f} min)")
+    return variables, info
+  key = jax.random.PRNGKey(seed)
+  k_poison, k_train = jax.random.split(key)
+  start = time.perf_counter()
+  if attack_name == "clean":
+    x, y, mask = splits.train_x, splits.train_y, np.zeros(len(splits.train_y), bool)
+  else:
+    attack = make_attack(attack_name, config)
+    noise = 2 * config.poison_ratio if attack_name == "wanet" else 0.0
+    x, y, mask = attacks.poison(splits.train_x, splits.train_y, attack, config.poison_ratio,
+                                key=k_poison, num_classes=DATASETS[config.dataset],
+                                noise_ratio=noise)
+  bar = _bar(tconfig.epochs, f"train {attack_name} seed {seed}", progress)
+
+  def callback(epoch, metrics):
+    bar.update(1)
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+
+  variables, history = train_lib.fit(model, x, y, tconfig, key=k_train, callback=callback,
+                                     checkpoint_dir=folder / "checkpoints")
+  bar.close()
+  seconds = time.perf_counter() - start
+  info = dict(spec=spec, poisoned=int(mask.sum()), train_seconds=seconds, history=history)
+  _atomic_write(folder / "info.json", json.dumps(info, indent=1))
+  _atomic_write_bytes(final, flax.serialization.to_bytes(jax.device_get(variables)))
+  log(f"  model: trained {attack_name} seed {seed} on {len(y)} images ({int(mask.sum())} "
+      f"poisoned) in {seconds / 60:.1f} min")
+  return variables, info
+
+
+class _NoBar:
+  def update(self, n=1):
+    pass
+
+  def set_postfix(self, **kw):
+    pass
+
+  def close(self):
+    pass
+
+
+def _bar(total: int, desc: str, progress: bool):
+  if not progress:
+    return _NoBar()
+  from tqdm import tqdm
+  return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+
+
+def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int,
+             splits: Splits, workdir: pathlib.Path, log: Callable[[str], None],
+             progress: bool) -> dict:
+  import jax
+  import ibau_jax
+  from ibau_jax import metrics
+
+  model = _model(config)
+  apply_fn = _apply_fn(model)
+  variables, info = train_poisoned(config, attack_name, seed, splits, workdir, log, progress)
+  attack = make_attack(attack_name, config)
+
+  all_to_all = attack.mode == "all_to_all"
+  target = (np.asarray(attack.relabel(splits.eval_y, num_classes=DATASETS[config.dataset]))
+            if all_to_all else attack.target)
+
+  def evaluate(v):
+    return {k: float(x) for k, x in metrics.evaluate(apply_fn, v, splits.eval_x,
+                                                      splits.eval_y, attack.apply,
+                                                      target).items()}
+
+  before = evaluate(variables)
+  log(f"  before: ACC {before['acc']:.2%} ASR {before['asr']:.2%} RA {before['ra']:.2%}")
+  rounds, seconds, delta = [], 0.0, None
+  if defense == "ibau":
+    iconfig = config.ibau_config()
+    bar = _bar(iconfig.rounds, f"ibau {attack_name} seed {seed}", progress)
+
+    def callback(r, stats, v):
+      m = evaluate(v)
+      rounds.append({**stats, **m})
+      bar.update(1)
+      bar.set_postfix(acc=f"{m['acc']:.3f}", asr=f"{m['asr']:.3f}")
+
+    start = time.perf_counter()
+    result = ibau_jax.unlearn(apply_fn, variables, splits.clean_x, splits.clean_y,
+                              iconfig.replace(callback=callback),
+                              key=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+    seconds = time.perf_counter() - start
+    bar.close()
+    delta = np.asarray(result.perturbation)
+  after = rounds[-1] if rounds else before
+  der = metrics.defense_effectiveness_rating(before["acc"], before["asr"], after["acc"],
+                                             after["asr"])
+  log(f"  after {defense}: ACC {after['acc']:.2%} ASR {after['asr']:.2%} RA {after['ra']:.2%}"
+      f" ({seconds:.0f} s)")
+  return dict(attack=attack_name, defense=defense, seed=seed, dataset=config.dataset,
+              target="all_to_all" if all_to_all else attack.target,
+              poisoned=info["poisoned"],
+              train_seconds=info["train_seconds"], defense_seconds=seconds,
+              acc_before=before["acc"], asr_before=before["asr"], ra_before=before["ra"],
+              acc_after=after["acc"], asr_after=after["asr"], ra_after=after["ra"],
+              der=float(der), rounds=rounds,
+              delta=None if delta is None else delta.tolist())
+
+
+_APPLY_FNS: dict = {}
+
+
+def _apply_fn(model):
+  # One function object per model, so compiled code is reused across cells.
+  if model not in _APPLY_FNS:
+    _APPLY_FNS[model] = lambda v, x: model.apply(v, x, train=False)
+  return _APPLY_FNS[model]
+
+
+# --------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------
+
+CSV_FIELDS = ("dataset", "attack", "defense", "seed", "acc_before", "asr_before", "ra_before",
+              "acc_after", "asr_after", "ra_after", "der", "train_seconds", "defense_seconds")
+
+
+def markdown_table(cells: Sequence[dict]) -> str:
+  lines = ["| attack | defense | seed | ACC before | ASR before | RA before | ACC after | "
+           "ASR after | RA after | DER | train min | defense s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for c in cells:
+    lines.append(
+        f"| {c['attack']} | {c['defense']} | {c['seed']} | {100 * c['acc_before']:.2f} | "
+        f"{100 * c['asr_before']:.2f} | {100 * c['ra_before']:.2f} | "
+        f"{100 * c['acc_after']:.2f} | {100 * c['asr_after']:.2f} | "
+        f"{100 * c['ra_after']:.2f} | {100 * c['der']:.1f} | {c['train_seconds'] / 60:.1f} | "
+        f"{c['defense_seconds']:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+def _versions() -> dict:
+  import flax
+  import jax
+  import optax
+  import ibau_jax
+  return dict(ibau_jax=ibau_jax.__version__, jax=jax.__version__, flax=flax.__version__,
+              optax=optax.__version__, numpy=np.__version__, python=platform.python_version(),
+              backend=jax.default_backend(), devices=[str(d) for d in jax.devices()])
+
+
+def write_reports(config: ExperimentConfig, cells: Sequence[dict], workdir: pathlib.Path,
+                  splits: Optional[Splits] = None) -> None:
+  summary = [{k: v for k, v in c.items() if k != "delta"} for c in cells]
+  _atomic_write(workdir / "results.json", json.dumps(
+      dict(config=config.to_dict(), versions=_versions(), cells=summary), indent=1))
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+  writer.writeheader()
+  for c in cells:
+    writer.writerow(c)
+  _atomic_write(workdir / "results.csv", buf.getvalue())
+  _atomic_write(workdir / "results.md", markdown_table(cells))
+  for c in cells:
+    plot_cell(config, c, workdir / "plots", splits)
+
+
+def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
+              splits: Optional[Splits]) -> None:
+  """``<cell>_rounds.png`` (ACC/ASR/RA per round, round 0 = before the defense) and
+  ``<cell>_gallery.png`` (clean images, triggered images, the recovered δ)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  name = cell_name(cell["attack"], cell["defense"], cell["seed"])
+  folder.mkdir(parents=True, exist_ok=True)
+  xs = list(range(len(cell["rounds"]) + 1))
+  fig, ax = plt.subplots(figsize=(5, 3.2))
+  for key, label in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA")):
+    ys = [cell[f"{key}_before"]] + [r[key] for r in cell["rounds"]]
+    ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+  ax.set_xlabel("I-BAU rounds done")
+  ax.set_ylabel("%")
+  ax.set_ylim(-2, 102)
+  ax.set_xticks(xs)
+  ax.set_title(f"{config.dataset} {cell['attack']} / {cell['defense']} (seed {cell['seed']})")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  _save_figure(fig, folder / f"{name}_rounds.png")
+  plt.close(fig)
+  if splits is None:
+    return
+  attack = make_attack(cell["attack"], config)
+  images = splits.eval_x[:6]
+  triggered = np.asarray(attack.apply(images))
+  rows = 3 if cell.get("delta") is not None else 2
+  fig, axes = plt.subplots(rows, 6, figsize=(9, 1.6 * rows + 0.4))
+  for j in range(6):
+    axes[0, j].imshow(images[j])
+    axes[1, j].imshow(triggered[j])
+  axes[0, 0].set_ylabel("clean")
+  axes[1, 0].set_ylabel("triggered")
+  if rows == 3:
+    delta = np.asarray(cell["delta"], np.float32)
+    scale = max(float(np.abs(delta).max()), 1e-12)
+    axes[2, 0].imshow(0.5 + 0.5 * delta / scale)
+    axes[2, 0].set_ylabel("δ (scaled)")
+    axes[2, 1].imshow(np.abs(delta).sum(-1), cmap="magma")
+    axes[2, 1].set_title("|δ| per pixel", fontsize=8)
+    for j in range(6):
+      if j >= 2:
+        axes[2, j].imshow(np.clip(images[j - 2] + delta, 0, 1))
+        axes[2, j].set_title("x + δ", fontsize=8)
+  for a in axes.ravel():
+    a.set_xticks([])
+    a.set_yticks([])
+  fig.suptitle(f"{config.dataset} {cell['attack']} (seed {cell['seed']})")
+  fig.tight_layout()
+  _save_figure(fig, folder / f"{name}_gallery.png")
+  plt.close(fig)
+
+
+def _save_figure(fig, path: pathlib.Path) -> None:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  _atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------
+# Sweep
+# --------------------------------------------------------------------------------------
+
+
+def _check_workdir(config: ExperimentConfig, workdir: pathlib.Path) -> None:
+  path = workdir / "config.json"
+  if path.is_file():
+    saved = json.loads(path.read_text())
+    if saved != config.to_dict():
+      diff = sorted(k for k in set(saved) | set(config.to_dict())
+                    if saved.get(k) != config.to_dict().get(k))
+      raise ValueError(f"work directory {workdir} holds results of a different configuration "
+                       f"(fields {diff} differ); use another --workdir or the same settings")
+  else:
+    _atomic_write(path, json.dumps(config.to_dict(), indent=1))
+
+
+def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
+        data_dir: Optional[str] = None, log: Callable[[str], None] = print,
+        progress: bool = True) -> list[dict]:
+  """Runs every (attack, defense, seed) cell of ``config`` not already in ``workdir``.
+
+  Returns the cells (finished earlier or now) in sweep order; the reports in ``workdir`` are
+  refreshed after every cell.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_workdir(config, workdir)
+  if not config.synthetic:
+    from ibau_jax import data as data_lib
+    data_dir = data_dir or os.environ.get(data_lib.DATA_DIR_ENV)
+    if data_dir is not None and not pathlib.Path(data_dir).is_dir():
+      raise ValueError(f"data directory {data_dir} does not exist")
+  start = time.perf_counter()
+  splits = load_splits(config, data_dir)
+  log(f"[{config.dataset}] data: {len(splits.train_y)} training, {len(splits.clean_y)} clean, "
+      f"{len(splits.eval_y)} evaluation images ({time.perf_counter() - start:.0f} s)")
+  cells = []
+  todo = [(a, d, s) for s in config.seeds for a in config.attacks for d in config.defenses]
+  for i, (attack_name, defense, seed) in enumerate(todo):
+    path = workdir / "cells" / f"{cell_name(attack_name, defense, seed)}.json"
+    if path.is_file():
+      cells.append(json.loads(path.read_text()))
+      log(f"[{i + 1}/{len(todo)}] {attack_name} / {defense} / seed {seed}: done earlier")
+      continue
+    log(f"[{i + 1}/{len(todo)}] {attack_name} / {defense} / seed {seed}")
+    cell = run_cell(config, attack_name, defense, seed, splits, workdir, log, progress)
+    _atomic_write(path, json.dumps(cell))
+    cells.append(cell)
+    write_reports(config, cells, workdir, splits)
+  write_reports(config, cells, workdir, splits)
+  return cells
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig:
+  base = preset(args.preset, dataset).to_dict()
+  if args.attack is not None:
+    base["attacks"] = attack_names() if args.attack == "all" else args.attack.split(",")
+  if args.defense is not None:
+    base["defenses"] = list(DEFENSES) if args.defense == "all" else args.defense.split(",")
+  if args.seeds is not None:
+    try:
+      base["seeds"] = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+      raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+  for item in args.set:
+    field, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+    head, _, sub = field.partition(".")
+    if head in ("train", "ibau") and sub:
+      base[head] = {**base[head], sub: _parse_value(value)}
+    elif head in base and not sub and head not in ("dataset", "preset"):
+      base[head] = _parse_value(value)
+    else:
+      raise ValueError(f"--set: unknown field {field!r}; use one of "
+                       f"{sorted(k for k in base if k not in ('dataset', 'preset'))}, "
+                       "train.<TrainConfig field> or ibau.<IBAUConfig field>")
+  return ExperimentConfig.from_dict(base)
+
+
+def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog=f"python -m experiments.{dataset}",
+      description=f"Train backdoored models on {dataset}, defend them, report ACC/ASR/RA. "
+                  + __doc__.split("\n\n")[1],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="Attacks: " + ", ".join(attack_names()) + ". Defenses: " + ", ".join(DEFENSES)
+             + ".\nExample: --attack badnets,blend --seeds 0,1 --set ibau.rounds=5 "
+             "--set train.epochs=3")
+  parser.add_argument("--attack", default=None,
+                      help="attack name, comma-separated names, or 'all' (default: the "
+                           "preset's)")
+  parser.add_argument("--defense", default=None,
+                      help="defense name(s), comma-separated, or 'all' (default: ibau)")
+  parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0)")
+  parser.add_argument("--preset", default="cpu", choices=PRESETS,
+                      help="smoke: synthetic data, about a minute; cpu: this 2-core machine; "
+                           "paper: the paper's settings, for accelerators")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a config field (repeatable): e.g. poison_ratio=0.05, "
+                           "train.epochs=3, ibau.rounds=5 (values are JSON)")
+  parser.add_argument("--data-dir", default=None,
+                      help="folder with the .npz arrays (default: $IBAU_DATA_DIR, then "
+                           "tensorflow-datasets / download)")
+  parser.add_argument("--workdir", default=None,
+                      help=f"output folder (default: runs/{dataset}_<preset>)")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+  args = parser.parse_args(argv)
+  try:
+    config = config_from_args(dataset, args)
+  except ValueError as e:
+    parser.error(str(e))
+  workdir = pathlib.Path(args.workdir or f"runs/{dataset}_{args.preset}")
+  try:
+    cells = run(config, workdir, data_dir=args.data_dir, progress=not args.no_progress)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print()
+  print(markdown_table(cells))
+  print(f"results in {workdir}/ (results.json, results.csv, results.md, plots/)")
+  return 0
