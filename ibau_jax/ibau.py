@@ -69,7 +69,9 @@ class IBAUConfig:
     shuffle: reshuffle the clean set each round (from ``key``).
     inner_epochs: passes over the clean set to fit δ.
     inner_lr: learning rate of the inner optimizer.
-    inner_optimizer: ``"sgd"`` or ``"adam"``, the inner optimizer (on −L_in's ascent).
+    inner_optimizer: the optimizer of δ on ``L_in``: ``"sgd"``, ``"adam"`` or ``"normalized"``
+      (steps of length ``inner_lr`` along ``−∇L_in/‖∇L_in‖₂``: with
+      ``inner_projection="step"``, the usual L2 PGD).
     inner_reg: λ in ``L_in = −CE + λ‖δ‖²``.
     pseudo_labels: fit δ against the model's own predictions (True) or the true labels.
     norm_bound: C, the L2 radius of the inner problem's ball; None: no constraint.
@@ -77,6 +79,12 @@ class IBAUConfig:
       (the paper's notebooks: the steps themselves are unconstrained, so δ can grow far
       beyond C and only its direction survives the projection); ``"step"``, after every inner
       step (projected gradient descent on the constrained problem).
+    inner_candidates: further inner solvers, each ``(inner_optimizer, inner_lr,
+      inner_projection)``, run from δ = 0 like the main one.  The round keeps the candidate
+      δ (after projection) with the best inner objective over the whole clean set,
+      ``max_δ (1/n) Σ_i CE(f_θ(x_i + δ), ŷ_i) − λ‖δ‖²`` (ŷ as in the inner pass): restarts
+      of the inner maximisation, keeping the strongest.  The index of the chosen solver
+      (0: the main one) is ``inner_choice`` in the history.
     clamp: clip ``x + δ`` to [0, 1] wherever the model sees a perturbed image.
     perturbed_fraction: fraction of each outer batch that gets ``+δ`` (at least one image).
     hypergrad_batch: ``"first"``: ``L_in`` of the hypergradient uses the round's first batch
@@ -104,7 +112,7 @@ class IBAUConfig:
       display or ACC/ASR tracking; its return value is ignored.
   """
 
-  rounds: int = 3
+  rounds: int = 5
   batch_size: int = 100
   shuffle: bool = True
   inner_epochs: int = 1
@@ -114,6 +122,7 @@ class IBAUConfig:
   pseudo_labels: bool = True
   norm_bound: Optional[float] = 10.0
   inner_projection: str = "end"
+  inner_candidates: tuple[tuple[str, float, str], ...] = (("normalized", 2.0, "step"),)
   clamp: bool = False
   perturbed_fraction: float = 0.01
   hypergrad_batch: str = "first"
@@ -147,8 +156,8 @@ class IBAUConfig:
       raise ValueError(f"IBAUConfig.solver must be one of {hypergrad.SOLVERS}, got {self.solver!r}")
     if self.solver != "neumann" and self.solver_iterations < 1:
       raise ValueError(f"IBAUConfig.solver={self.solver!r} needs solver_iterations >= 1")
-    if self.inner_optimizer not in ("sgd", "adam"):
-      raise ValueError(f"IBAUConfig.inner_optimizer must be 'sgd' or 'adam', "
+    if self.inner_optimizer not in ("sgd", "adam", "normalized"):
+      raise ValueError(f"IBAUConfig.inner_optimizer must be 'sgd', 'adam' or 'normalized', "
                        f"got {self.inner_optimizer!r}")
     if not (isinstance(self.outer_optimizer, optax.GradientTransformation)
             or self.outer_optimizer in ("sgd", "adam")):
@@ -157,6 +166,14 @@ class IBAUConfig:
     if self.hypergrad_batch not in ("first", "current"):
       raise ValueError(f"IBAUConfig.hypergrad_batch must be 'first' or 'current', "
                        f"got {self.hypergrad_batch!r}")
+    if not isinstance(self.inner_candidates, tuple) or any(
+        not isinstance(c, tuple) or len(c) != 3 or c[0] not in ("sgd", "adam", "normalized")
+        or isinstance(c[1], bool) or not isinstance(c[1], (int, float)) or not c[1] > 0
+        or not math.isfinite(c[1]) or c[2] not in ("end", "step")
+        for c in self.inner_candidates):
+      raise ValueError("IBAUConfig.inner_candidates must be a tuple of (optimizer, lr, "
+                       "projection) tuples with optimizer in ('sgd', 'adam', 'normalized'), "
+                       f"lr > 0 and projection in ('end', 'step'); got {self.inner_candidates!r}")
     if self.inner_projection not in ("end", "step"):
       raise ValueError(f"IBAUConfig.inner_projection must be 'end' or 'step', "
                        f"got {self.inner_projection!r}")
@@ -182,7 +199,8 @@ class IBAUConfig:
     ``L_in`` on the first batch, η = 0.1, Neumann K = 5, Adam lr 1e-3."""
     base = dict(rounds=1, batch_size=100, shuffle=True, inner_epochs=1, inner_lr=10.0,
                 inner_optimizer="sgd", inner_reg=1e-3, pseudo_labels=True, norm_bound=10.0,
-                inner_projection="end", clamp=False, perturbed_fraction=0.01,
+                inner_projection="end", inner_candidates=(), clamp=False,
+                perturbed_fraction=0.01,
                 hypergrad_batch="first", fixed_point="gradient", fixed_point_lr=0.1,
                 solver="neumann", solver_iterations=5, outer_optimizer="adam", outer_lr=1e-3)
     base.update(overrides)
@@ -200,7 +218,8 @@ class UnlearnResult:
     variables: the unlearned variables, same tree structure as the input.
     history: one dict per round with ``round``, ``inner_loss`` (mean over inner steps),
       ``outer_loss`` (mean over outer steps), ``delta_norm`` (‖δ‖₂ after projection),
-      ``residual_mean`` / ``residual_max`` (hypergradient solver's relative residual) and
+      ``residual_mean`` / ``residual_max`` (hypergradient solver's relative residual),
+      ``inner_choice`` (which inner solver's δ was kept, see ``inner_candidates``) and
       ``seconds`` (wall time, the first round including compilation).
     perturbation: the last round's δ, shape ``(H, W, C)``.
   """
@@ -285,8 +304,13 @@ def _logits_fn(apply_fn: ApplyFn, rest: PyTree):
 
 
 def _inner_tx(config: IBAUConfig) -> optax.GradientTransformation:
-  return optax.adam(config.inner_lr) if config.inner_optimizer == "adam" else optax.sgd(
-      config.inner_lr)
+  if config.inner_optimizer == "adam":
+    return optax.adam(config.inner_lr)
+  if config.inner_optimizer == "normalized":
+    # δ ← δ − lr ∇L_in / ‖∇L_in‖₂: steps of length lr (L2 PGD when projected every step).
+    return optax.chain(optax.normalize_by_update_norm(scale_factor=1.0),
+                       optax.scale(-config.inner_lr))
+  return optax.sgd(config.inner_lr)
 
 
 def _batches(config: IBAUConfig, images: jax.Array, labels: jax.Array, key: jax.Array,
@@ -364,10 +388,32 @@ def _outer_step(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
           finite, loss, residual)
 
 
-def _round_stats(delta, inner_losses, outer_losses, residuals, finite):
+def _candidate_configs(config: IBAUConfig) -> list[IBAUConfig]:
+  """The main inner solver's config, then one per ``inner_candidates`` entry."""
+  main = config.replace(inner_candidates=())
+  return [main] + [main.replace(inner_optimizer=o, inner_lr=float(lr), inner_projection=p)
+                   for o, lr, p in config.inner_candidates]
+
+
+def _inner_objective(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, rest: PyTree,
+                     delta: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+  """``−L_in(δ)`` on a batch, with the inner pass's labels (pseudo-labels or ``y``)."""
+  logits_fn = _logits_fn(apply_fn, rest)
+  if config.pseudo_labels:
+    y = jnp.argmax(logits_fn(params, x), axis=-1)
+  return -_inner_loss(config, logits_fn, delta, params, x, y)
+
+
+def _select(deltas: jax.Array, scores: jax.Array):
+  choice = jnp.argmax(scores)
+  return deltas[choice], choice
+
+
+def _round_stats(delta, inner_losses, outer_losses, residuals, finite, choice=0):
   finite = jnp.asarray(finite)
   first_bad = jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
   return dict(inner_loss=jnp.mean(inner_losses), outer_loss=jnp.mean(outer_losses),
+              inner_choice=jnp.asarray(choice, jnp.int32),
               delta_norm=jnp.sqrt(jnp.sum(delta * delta)),
               residual_mean=jnp.mean(residuals), residual_max=jnp.max(residuals),
               finite=jnp.all(finite), bad_step=first_bad)
@@ -380,16 +426,28 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
   k_perm, k_mask = jax.random.split(key)
   xb, yb = _batches(config, images, labels, k_perm, sharding)
   delta0 = jnp.zeros(images.shape[1:], images.dtype)
-
-  def inner(carry, batch):
-    delta, state, loss = _inner_step(config, apply_fn, params, rest, *carry, *batch)
-    return (delta, state), loss
-
   reps = (config.inner_epochs,) + (1,) * (xb.ndim - 1)
-  (delta, _), inner_losses = jax.lax.scan(
-      inner, (delta0, _inner_tx(config).init(delta0)),
-      (jnp.tile(xb, reps), jnp.tile(yb, (config.inner_epochs, 1))))
-  delta = _project(delta, config.norm_bound)
+  deltas, scores, all_losses = [], [], []
+  for c in _candidate_configs(config):
+
+    def inner(carry, batch, c=c):
+      delta, state, loss = _inner_step(c, apply_fn, params, rest, *carry, *batch)
+      return (delta, state), loss
+
+    (delta, _), inner_losses = jax.lax.scan(
+        inner, (delta0, _inner_tx(c).init(delta0)),
+        (jnp.tile(xb, reps), jnp.tile(yb, (config.inner_epochs, 1))))
+    delta = _project(delta, config.norm_bound)
+    deltas.append(delta)
+    all_losses.append(inner_losses)
+    if config.inner_candidates:
+      scores.append(jax.lax.map(
+          lambda batch, d=delta: _inner_objective(config, apply_fn, params, rest, d, *batch),
+          (xb, yb)).sum())
+  inner_losses = all_losses[0]
+  choice = 0
+  if config.inner_candidates:
+    delta, choice = _select(jnp.stack(deltas), jnp.stack(scores))
 
   def outer(carry, inputs):
     p, state, ok = carry
@@ -403,12 +461,14 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
       outer, (params, opt_state, jnp.asarray(True)),
       (jnp.arange(xb.shape[0], dtype=jnp.int32), xb, yb))
   return params, opt_state, delta, _round_stats(delta, inner_losses, outer_losses, residuals,
-                                                finite)
+                                                finite, choice)
 
 
 _round_scan_jit = jax.jit(_round_scan, static_argnums=(0, 1, 8))
 _batches_jit = jax.jit(_batches, static_argnums=(0, 4))
 _take_jit = jax.jit(_take, static_argnums=(3,))
+_inner_objective_jit = jax.jit(_inner_objective, static_argnums=(0, 1))
+_select_jit = jax.jit(_select)
 _inner_step_jit = jax.jit(_inner_step, static_argnums=(0, 1))
 _outer_step_jit = jax.jit(_outer_step, static_argnums=(0, 1))
 _project_jit = jax.jit(_project, static_argnums=(1,))
@@ -428,14 +488,25 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
   k_perm, k_mask = jax.random.split(key)
   xb, yb = _batches_jit(config, images, labels, k_perm, sharding)
   batches = [_take_jit(xb, yb, b, sharding) for b in range(xb.shape[0])]
-  delta = jnp.zeros(images.shape[1:], images.dtype)
-  state = _inner_tx(config).init(delta)
-  inner_losses = []
-  for _ in range(config.inner_epochs):
-    for x, y in batches:
-      delta, state, loss = _inner_step_jit(config, apply_fn, params, rest, delta, state, x, y)
-      inner_losses.append(loss)
-  delta = _project_jit(delta, config.norm_bound)
+  deltas, scores, all_losses = [], [], []
+  for c in _candidate_configs(config):
+    delta = jnp.zeros(images.shape[1:], images.dtype)
+    state = _inner_tx(c).init(delta)
+    inner_losses = []
+    for _ in range(config.inner_epochs):
+      for x, y in batches:
+        delta, state, loss = _inner_step_jit(c, apply_fn, params, rest, delta, state, x, y)
+        inner_losses.append(loss)
+    delta = _project_jit(delta, config.norm_bound)
+    deltas.append(delta)
+    all_losses.append(inner_losses)
+    if config.inner_candidates:
+      scores.append(sum(_inner_objective_jit(config, apply_fn, params, rest, delta, x, y)
+                        for x, y in batches))
+  inner_losses = all_losses[0]
+  choice = 0
+  if config.inner_candidates:
+    delta, choice = _select_jit(jnp.stack(deltas), jnp.stack(scores))
   ok = jnp.asarray(True)
   outer_losses, residuals, finites = [], [], []
   for b, (x, y) in enumerate(batches):
@@ -447,7 +518,7 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
     residuals.append(residual)
     finites.append(finite)
   stats = _round_stats_jit(delta, jnp.stack(inner_losses), jnp.stack(outer_losses),
-                           jnp.stack(residuals), jnp.stack(finites))
+                           jnp.stack(residuals), jnp.stack(finites), choice)
   return params, opt_state, delta, stats
 
 
@@ -455,7 +526,7 @@ def _compiled_programs() -> int:
   """How many programs the round functions have compiled so far (for tests)."""
   return sum(f._cache_size() for f in (_round_scan_jit, _batches_jit, _inner_step_jit,  # pylint: disable=protected-access
                                        _outer_step_jit, _project_jit, _round_stats_jit,
-                                       _take_jit))
+                                       _take_jit, _inner_objective_jit, _select_jit))
 
 
 # --------------------------------------------------------------------------------------
@@ -593,7 +664,8 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
     entry = dict(round=r, inner_loss=float(stats["inner_loss"]),
                  outer_loss=float(stats["outer_loss"]), delta_norm=float(stats["delta_norm"]),
                  residual_mean=float(stats["residual_mean"]),
-                 residual_max=float(stats["residual_max"]), seconds=seconds)
+                 residual_max=float(stats["residual_max"]),
+                 inner_choice=int(stats["inner_choice"]), seconds=seconds)
     history.append(entry)
     if config.callback is not None:
       config.callback(r, dict(entry), {"params": params, **rest})

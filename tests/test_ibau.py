@@ -325,6 +325,7 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("perturbed_fraction", 0.0), ("perturbed_fraction", 1.5), ("inner_optimizer", "lbfgs"),
     ("outer_optimizer", "rmsprop"), ("hypergrad_batch", "last"), ("norm_bound", -1.0),
     ("rounds", True), ("loop", "vmap"), ("fixed_point", "newton"), ("inner_projection", "never"),
+    ("inner_candidates", (("lbfgs", 1.0, "end"),)), ("inner_candidates", (("sgd", -1.0, "end"),)),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
@@ -424,3 +425,51 @@ def test_four_devices_match_one_device():
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().endswith("OK")
+
+
+def test_normalized_inner_optimizer_takes_steps_of_length_lr():
+  variables = _variables()
+  x, y = _data(8)
+  params, rest = variables["params"], {"batch_stats": variables["batch_stats"]}
+  config = ibau_jax.IBAUConfig(inner_optimizer="normalized", inner_lr=0.3, norm_bound=None)
+  delta = jnp.asarray(np.random.RandomState(1).randn(H, W, 3).astype(np.float32) * 0.1)
+  state = ibau._inner_tx(config).init(delta)
+  new, _, _ = ibau._inner_step(config, apply_fn, params, rest, delta, state, x, y)
+  step = new - delta
+  assert float(jnp.linalg.norm(step)) == pytest.approx(0.3, rel=1e-5)
+  # ... along the descent direction of L_in.
+  logits_fn = ibau._logits_fn(apply_fn, rest)
+  pseudo = jnp.argmax(logits_fn(params, x), axis=-1)
+  g = jax.grad(lambda d: ibau._inner_loss(config, logits_fn, d, params, x, pseudo))(delta)
+  cosine = jnp.vdot(step, -g) / (jnp.linalg.norm(step) * jnp.linalg.norm(g))
+  assert float(cosine) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_inner_candidates_keep_the_delta_with_the_best_inner_objective():
+  variables = _variables()
+  x, y = _data(24)
+  a = ("sgd", 10.0, "end")
+  b = ("normalized", 0.3, "step")
+
+  def config(main, extra=()):
+    return ibau_jax.IBAUConfig(rounds=1, batch_size=8, norm_bound=1.0, inner_optimizer=main[0],
+                               inner_lr=main[1], inner_projection=main[2],
+                               inner_candidates=extra)
+
+  key = jax.random.PRNGKey(4)
+  alone = [ibau_jax.unlearn(apply_fn, variables, x, y, config(c), key=key).perturbation
+           for c in (a, b)]
+  assert float(jnp.abs(alone[0] - alone[1]).max()) > 1e-2  # the two solvers disagree
+  # The inner objective of each on the round's batches (the same shuffle as unlearn's).
+  k_perm, _ = jax.random.split(jax.random.fold_in(key, 0))
+  xb, yb = ibau._batches(config(a), jnp.asarray(x), jnp.asarray(y), k_perm)
+  params, rest = variables["params"], {"batch_stats": variables["batch_stats"]}
+  scores = [sum(float(ibau._inner_objective(config(a), apply_fn, params, rest, d, xb[i], yb[i]))
+                for i in range(xb.shape[0])) for d in alone]
+  best = int(np.argmax(scores))
+  for main, extra, want in ((a, b, best), (b, a, 1 - best)):
+    for loop in ("python", "scan"):
+      r = ibau_jax.unlearn(apply_fn, variables, x, y, config(main, (extra,)).replace(loop=loop),
+                           key=key)
+      np.testing.assert_allclose(r.perturbation, alone[best], rtol=1e-5, atol=1e-6)
+      assert r.history[0]["inner_choice"] == want
