@@ -198,6 +198,19 @@ def main(argv=None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   results_path = out / "results.json"
   rows = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
+  def fields(config_name):
+    config = _config(config_name, overrides if config_name == "default" else {})
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(config).items()
+                                  if k != "callback" and not callable(v)}))
+
+  # A row counts as done only if it was made with the same configuration fields.
+  wanted = {name: fields(name) for name in configs}
+  stale = [r for r in rows if r["config"] in wanted
+           and json.loads(json.dumps(r["config_fields"])) != wanted[r["config"]]]
+  if stale:
+    parser.error(f"{results_path} holds {len(stale)} row(s) made with a different "
+                 f"configuration (e.g. {stale[0]['model']} {stale[0]['config']} seed "
+                 f"{stale[0]['seed']}); use another --out")
   done = {(r["model"], r["config"], r["seed"]) for r in rows}
   cells = [(m, c, s) for s in seeds for m in models for c in configs
            if c == "default" or s in official_seeds]
