@@ -446,7 +446,8 @@ def _mesh() -> Mesh:
 def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
         key: Optional[jax.Array] = None, eval_fn: Optional[EvalFn] = None,
         callback: Optional[EpochCallback] = None,
-        checkpoint_dir: Optional[str | os.PathLike] = None
+        checkpoint_dir: Optional[str | os.PathLike] = None,
+        mesh: Optional[Mesh] = None
         ) -> tuple[dict[str, PyTree], list[dict[str, float]]]:
   """Trains ``model`` on ``(images, labels)`` (see the module docstring for the objective).
 
@@ -472,6 +473,8 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
     callback: ``callback(epoch, metrics)`` every ``config.log_every`` epochs and after the
       last (``epoch`` counts from 1); its return value is ignored.
     checkpoint_dir: directory for per-epoch checkpoints and resumption.
+    mesh: the devices, a :class:`jax.sharding.Mesh` whose first axis splits every batch;
+      None: all visible devices.
 
   Returns:
     ``(variables, history)``: ``{"params", "batch_stats"?}`` and one dict per epoch trained
@@ -490,8 +493,8 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
   steps_per_epoch = n // config.batch_size
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size={config.batch_size} exceeds the number of examples ({n})")
-  mesh = _mesh()
-  n_dev = mesh.devices.size
+  mesh = _mesh() if mesh is None else mesh
+  n_dev = mesh.devices.shape[0]
   if config.batch_size % n_dev:
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the number of "
                      f"devices ({n_dev})")
@@ -499,7 +502,7 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
     if fn is not None and not callable(fn):
       raise ValueError(f"{name} must be callable or None")
   replicated = NamedSharding(mesh, PartitionSpec())
-  batch_sharded = NamedSharding(mesh, PartitionSpec("batch"))
+  batch_sharded = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
 
   if key is None:
     key = jax.random.PRNGKey(config.seed)

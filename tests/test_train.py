@@ -240,10 +240,10 @@ _CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests_dir!r})
     import test_train as t
     from ibau_jax import train
-    assert jax.device_count() == 2, jax.devices()
+    assert jax.device_count() == 4, jax.devices()
     n0 = train.train_step._cache_size()
     with np.testing.assert_raises(ValueError):
-      train.fit(t.TinyNet(), *t.make_data(16), t.base_config(batch_size=5))
+      train.fit(t.TinyNet(), *t.make_data(16), t.base_config(batch_size=6))
     variables, _ = train.fit(t.TinyNet(), *t.make_data(32), t.base_config(),
                              key=jax.random.PRNGKey(3))
     assert train.train_step._cache_size() - n0 == 1, train.train_step._cache_size()
@@ -253,9 +253,9 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def test_two_devices_match_one_device(tmp_path):
-  out = tmp_path / "two.npz"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+def test_four_devices_match_one_device(tmp_path):
+  out = tmp_path / "four.npz"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   code = _CHILD.format(tests_dir=str(pathlib.Path(__file__).parent), out=str(out))
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -263,8 +263,8 @@ def test_two_devices_match_one_device(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   variables, _ = train.fit(TinyNet(), *make_data(32), base_config(),
                            key=jax.random.PRNGKey(3))
-  two = np.load(out)
+  four = np.load(out)
   leaves = jax.tree_util.tree_leaves_with_path(variables)
-  assert len(leaves) == len(two.files)
+  assert len(leaves) == len(four.files)
   for p, v in leaves:
-    np.testing.assert_allclose(two[jax.tree_util.keystr(p)], v, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(four[jax.tree_util.keystr(p)], v, rtol=1e-5, atol=1e-6)
