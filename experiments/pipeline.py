@@ -35,16 +35,16 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import pathlib
 import platform
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+
+from ibau_jax import files
 
 PRESETS = ("smoke", "cpu", "paper")
 DEFENSES = ("ibau", "none")
@@ -271,24 +271,6 @@ def _digest(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  _atomic_write_bytes(path, text.encode())
-
-
 def cell_name(attack: str, defense: str, seed: int) -> str:
   return f"{attack}__{defense}__seed{seed}"
 
@@ -339,8 +321,8 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
   bar.close()
   seconds = time.perf_counter() - start
   info = dict(spec=spec, poisoned=int(mask.sum()), train_seconds=seconds, history=history)
-  _atomic_write(folder / "info.json", json.dumps(info, indent=1))
-  _atomic_write_bytes(final, flax.serialization.to_bytes(jax.device_get(variables)))
+  files.atomic_write(folder / "info.json", json.dumps(info, indent=1))
+  files.atomic_write(final, flax.serialization.to_bytes(jax.device_get(variables)))
   log(f"  model: trained {attack_name} seed {seed} on {len(y)} images ({int(mask.sum())} "
       f"poisoned) in {seconds / 60:.1f} min")
   return variables, info
@@ -465,15 +447,15 @@ def _versions() -> dict:
 def write_reports(config: ExperimentConfig, cells: Sequence[dict], workdir: pathlib.Path,
                   splits: Optional[Splits] = None) -> None:
   summary = [{k: v for k, v in c.items() if k != "delta"} for c in cells]
-  _atomic_write(workdir / "results.json", json.dumps(
+  files.atomic_write(workdir / "results.json", json.dumps(
       dict(config=config.to_dict(), versions=_versions(), cells=summary), indent=1))
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
   writer.writeheader()
   for c in cells:
     writer.writerow(c)
-  _atomic_write(workdir / "results.csv", buf.getvalue())
-  _atomic_write(workdir / "results.md", markdown_table(cells))
+  files.atomic_write(workdir / "results.csv", buf.getvalue())
+  files.atomic_write(workdir / "results.md", markdown_table(cells))
   for c in cells:
     plot_cell(config, c, workdir / "plots", splits)
 
@@ -538,7 +520,7 @@ def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
 def _save_figure(fig, path: pathlib.Path) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
-  _atomic_write_bytes(path, buf.getvalue())
+  files.atomic_write(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------
@@ -556,7 +538,7 @@ def _check_workdir(config: ExperimentConfig, workdir: pathlib.Path) -> None:
       raise ValueError(f"work directory {workdir} holds results of a different configuration "
                        f"(fields {diff} differ); use another --workdir or the same settings")
   else:
-    _atomic_write(path, json.dumps(config.to_dict(), indent=1))
+    files.atomic_write(path, json.dumps(config.to_dict(), indent=1))
 
 
 def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
@@ -589,7 +571,7 @@ def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
       continue
     log(f"[{i + 1}/{len(todo)}] {attack_name} / {defense} / seed {seed}")
     cell = run_cell(config, attack_name, defense, seed, splits, workdir, log, progress)
-    _atomic_write(path, json.dumps(cell))
+    files.atomic_write(path, json.dumps(cell))
     cells.append(cell)
     write_reports(config, cells, workdir, splits)
   write_reports(config, cells, workdir, splits)

@@ -36,6 +36,7 @@ import numpy as np
 
 import ibau_jax
 from ibau_jax import data as data_lib
+from ibau_jax import files
 from ibau_jax import metrics
 from ibau_jax.attacks import badnets as badnets_lib
 from ibau_jax.attacks import l0_inv as l0_inv_lib
@@ -44,15 +45,6 @@ from ibau_jax.models import torch_import
 
 MODELS = ("badnets_8_02", "gtsrbbadnets_8_02", "gtsrbl0_inv_0_02")
 CONFIGS = ("official", "default")
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _split(dataset: str, data_dir: str, clean_size: int):
@@ -229,8 +221,8 @@ def main(argv=None) -> int:
                                             jax=jax.__version__,
                                             python=sys.version.split()[0]),
                    device=str(jax.devices()[0]))
-    _atomic_write(results_path, json.dumps(payload, indent=1))
-    _atomic_write(out / "results.md", markdown_table(rows) + "\n")
+    files.atomic_write(results_path, json.dumps(payload, indent=1))
+    files.atomic_write(out / "results.md", markdown_table(rows) + "\n")
   table = markdown_table(rows)
   print(table)
   print(f"\nwrote {results_path} and {out / 'results.md'}")

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax
@@ -43,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ibau_jax import files
 
 PyTree = Any
 EpochCallback = Callable[[int, Mapping[str, float]], Any]
@@ -377,18 +378,7 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array) -> dict[s
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+_atomic_write = files.atomic_write
 
 
 def save_checkpoint(path: str | os.PathLike, variables: PyTree, config: TrainConfig) -> None:

@@ -1,0 +1,27 @@
+"""Crash-safe file writes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+  """Writes ``data`` to ``path`` so that readers (and a later run after a crash or
+  ``kill -9``) see either the old file or the complete new one, never a part: the data goes
+  to a temporary file in the same folder (``.<name>.<random>.tmp``), is flushed to disk, and
+  replaces ``path`` with one ``os.replace``.  Creates the parent folder if needed."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  raw = data.encode() if isinstance(data, str) else data
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(raw)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
