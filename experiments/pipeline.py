@@ -47,7 +47,7 @@ import numpy as np
 from ibau_jax import files
 
 PRESETS = ("smoke", "cpu", "paper")
-DEFENSES = ("ibau", "none")
+DEFENSES = ("ibau", "ft", "none")
 DATASETS = {"cifar10": 10, "gtsrb": 43}
 # Attack names of the experiments: the registry's plus the all-to-all BadNets and a clean
 # model ("clean": no poisoning; ASR is then that of the BadNets trigger on a clean model).
@@ -80,6 +80,7 @@ class ExperimentConfig:
     synthetic: use a generated data set (the smoke preset; no files needed).
     train: :class:`ibau_jax.train.TrainConfig` fields for the attacker's training.
     ibau: :class:`ibau_jax.IBAUConfig` fields that differ from the default.
+    ft: :class:`ibau_jax.defenses.FTConfig` fields that differ from the default.
   """
 
   dataset: str
@@ -97,6 +98,7 @@ class ExperimentConfig:
   synthetic: bool = False
   train: dict = dataclasses.field(default_factory=dict)
   ibau: dict = dataclasses.field(default_factory=dict)
+  ft: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.dataset not in DATASETS:
@@ -120,6 +122,7 @@ class ExperimentConfig:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
     self.train_config()  # validates the nested fields
     self.ibau_config()
+    self.defense_config("ft")
 
   def train_config(self):
     from ibau_jax import train as train_lib
@@ -129,12 +132,21 @@ class ExperimentConfig:
       raise ValueError(f"bad train fields {self.train}: {e}") from None
 
   def ibau_config(self, **extra):
-    import ibau_jax
-    fields = {f.name for f in dataclasses.fields(ibau_jax.IBAUConfig)} - {"callback"}
-    unknown = set(self.ibau) - fields
+    return self.defense_config("ibau", **extra)
+
+  def defense_config(self, name: str, **extra):
+    """The config object of defense ``name`` (the defaults updated with this config's
+    fields for it and with ``extra``)."""
+    from ibau_jax import defenses
+    _, cls = defenses.get_defense(name)
+    given = getattr(self, name, {})
+    fields = {f.name for f in dataclasses.fields(cls)} - {"callback"}
+    unknown = set(given) - fields
     if unknown:
-      raise ValueError(f"unknown ibau fields {sorted(unknown)}; choose from {sorted(fields)}")
-    return ibau_jax.IBAUConfig(**{**self.ibau, **extra})
+      raise ValueError(f"unknown {name} fields {sorted(unknown)}; choose from {sorted(fields)}")
+    given = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
+             if isinstance(v, list) else v for k, v in given.items()}
+    return cls(**{**given, **extra})
 
   def to_dict(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -350,7 +362,6 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
              splits: Splits, workdir: pathlib.Path, log: Callable[[str], None],
              progress: bool) -> dict:
   import jax
-  import ibau_jax
   from ibau_jax import metrics
 
   model = _model(config)
@@ -370,9 +381,12 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
   before = evaluate(variables)
   log(f"  before: ACC {before['acc']:.2%} ASR {before['asr']:.2%} RA {before['ra']:.2%}")
   rounds, seconds, delta = [], 0.0, None
-  if defense == "ibau":
-    iconfig = config.ibau_config()
-    bar = _bar(iconfig.rounds, f"ibau {attack_name} seed {seed}", progress)
+  if defense != "none":
+    from ibau_jax import defenses
+    fn, _ = defenses.get_defense(defense)
+    dconfig = config.defense_config(defense)
+    steps = getattr(dconfig, "rounds", None) or getattr(dconfig, "epochs", 1)
+    bar = _bar(steps, f"{defense} {attack_name} seed {seed}", progress)
 
     def callback(r, stats, v):
       m = evaluate(v)
@@ -381,12 +395,13 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
       bar.set_postfix(acc=f"{m['acc']:.3f}", asr=f"{m['asr']:.3f}")
 
     start = time.perf_counter()
-    result = ibau_jax.unlearn(apply_fn, variables, splits.clean_x, splits.clean_y,
-                              iconfig.replace(callback=callback),
-                              key=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+    result = fn(apply_fn, variables, splits.clean_x, splits.clean_y,
+                dconfig.replace(callback=callback),
+                key=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
     seconds = time.perf_counter() - start
     bar.close()
-    delta = np.asarray(result.perturbation)
+    if getattr(result, "perturbation", None) is not None:
+      delta = np.asarray(result.perturbation)
   after = rounds[-1] if rounds else before
   der = metrics.defense_effectiveness_rating(before["acc"], before["asr"], after["acc"],
                                              after["asr"])
@@ -475,7 +490,7 @@ def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
   for key, label in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA")):
     ys = [cell[f"{key}_before"]] + [r[key] for r in cell["rounds"]]
     ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
-  ax.set_xlabel("I-BAU rounds done")
+  ax.set_xlabel("defense rounds (epochs for ft) done")
   ax.set_ylabel("%")
   ax.set_ylim(-2, 102)
   ax.set_xticks(xs)
@@ -606,14 +621,15 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
     if not sep:
       raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
     head, _, sub = field.partition(".")
-    if head in ("train", "ibau") and sub:
+    if head in ("train", "ibau", "ft") and sub:
       base[head] = {**base[head], sub: _parse_value(value)}
     elif head in base and not sub and head not in ("dataset", "preset"):
       base[head] = _parse_value(value)
     else:
       raise ValueError(f"--set: unknown field {field!r}; use one of "
                        f"{sorted(k for k in base if k not in ('dataset', 'preset'))}, "
-                       "train.<TrainConfig field> or ibau.<IBAUConfig field>")
+                       "train.<TrainConfig field>, ibau.<IBAUConfig field> or "
+                       "ft.<FTConfig field>")
   return ExperimentConfig.from_dict(base)
 
 

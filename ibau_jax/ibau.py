@@ -578,8 +578,8 @@ def _validate(apply_fn, variables, images, labels, config) -> int:
     raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} "
                      f"outputs; got values in [{labels_np.min()}, {labels_np.max()}]")
   if np.unique(labels_np).size < 2:
-    raise ValueError(f"the clean set has a single class ({int(labels_np[0])}); I-BAU needs "
-                     "images of at least two classes")
+    raise ValueError(f"the clean set has a single class ({int(labels_np[0])}); unlearning "
+                     "needs images of at least two classes")
   return num_classes
 
 

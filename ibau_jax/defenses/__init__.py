@@ -1,0 +1,68 @@
+"""Backdoor defenses by name, all with the call shape of :func:`ibau_jax.unlearn`:
+
+    result = defense(apply_fn, variables, images, labels, config, key=key)
+    result.variables, result.history
+
+``apply_fn(variables, images) -> logits`` is the caller's inference function, ``images`` and
+``labels`` the defender's clean set (float NHWC in [0, 1], integer labels), ``config`` the
+defense's frozen config dataclass (its ``callback(step, stats, variables)`` runs after every
+round or epoch).  A defense never sees the trigger.
+
+=======  ==============================================  ======================
+name     what                                            config
+=======  ==============================================  ======================
+ibau     I-BAU (:func:`ibau_jax.unlearn`)                :class:`IBAUConfig`
+ft       fine-tuning on the clean set                    :class:`FTConfig`
+=======  ==============================================  ======================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+
+from ibau_jax.defenses.ft import FTConfig, fine_tune
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseResult:
+  """``variables``: the defended variables (same tree structure); ``history``: one dict per
+  round or epoch."""
+
+  variables: Any
+  history: list
+
+
+def check_inputs(apply_fn, variables, images, labels, batch_size: int) -> None:
+  """The input checks every defense shares (the same messages as :func:`ibau_jax.unlearn`)."""
+  from ibau_jax import ibau
+  ibau._validate(apply_fn, variables, images, labels,  # pylint: disable=protected-access
+                 ibau.IBAUConfig(batch_size=batch_size))
+
+
+def _ibau(apply_fn, variables, images, labels, config=None, *, key):
+  from ibau_jax import ibau
+  return ibau.unlearn(apply_fn, variables, images, labels,
+                      ibau.IBAUConfig() if config is None else config, key=key)
+
+
+def _registry() -> dict[str, tuple[Callable, type]]:
+  from ibau_jax import ibau
+  return {"ibau": (_ibau, ibau.IBAUConfig), "ft": (fine_tune, FTConfig)}
+
+
+def defense_names() -> list[str]:
+  return sorted(_registry())
+
+
+def get_defense(name: str) -> tuple[Callable, type]:
+  """``(defense_function, ConfigClass)`` for ``name``."""
+  registry = _registry()
+  if name not in registry:
+    raise ValueError(f"unknown defense {name!r}; choose from {sorted(registry)}")
+  return registry[name]
+
+
+__all__ = ["DefenseResult", "FTConfig", "check_inputs", "defense_names", "fine_tune",
+           "get_defense"]
