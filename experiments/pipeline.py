@@ -461,6 +461,7 @@ def _versions() -> dict:
 
 def write_reports(config: ExperimentConfig, cells: Sequence[dict], workdir: pathlib.Path,
                   splits: Optional[Splits] = None) -> None:
+  """Rewrites results.json/.csv/.md for ``cells`` and draws the plots that are missing."""
   summary = [{k: v for k, v in c.items() if k != "delta"} for c in cells]
   files.atomic_write(workdir / "results.json", json.dumps(
       dict(config=config.to_dict(), versions=_versions(), cells=summary), indent=1))
@@ -472,7 +473,10 @@ def write_reports(config: ExperimentConfig, cells: Sequence[dict], workdir: path
   files.atomic_write(workdir / "results.csv", buf.getvalue())
   files.atomic_write(workdir / "results.md", markdown_table(cells))
   for c in cells:
-    plot_cell(config, c, workdir / "plots", splits)
+    name = cell_name(c["attack"], c["defense"], c["seed"])
+    if not all((workdir / "plots" / f"{name}_{kind}.png").is_file()
+               for kind in ("rounds", "gallery")):
+      plot_cell(config, c, workdir / "plots", splits)
 
 
 def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
