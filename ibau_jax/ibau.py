@@ -104,6 +104,9 @@ class IBAUConfig:
     outer_optimizer: ``"adam"``, ``"sgd"`` or any ``optax.GradientTransformation``
       (then ``outer_lr`` is ignored).
     outer_lr: learning rate of the named outer optimizer.
+    outer_lr_decay: γ in (0, 1]: the outer updates of round ``r`` are scaled by ``γ^r`` (for
+      Adam and SGD the same as a learning rate ``outer_lr · γ^r``), so later rounds move the
+      model less.  1: no decay (the paper).
     loop: ``"scan"``: each round is one compiled program (``lax.scan`` over batches);
       ``"python"``: one compiled program per step, looped over in Python (faster on CPU, where
       XLA runs convolution gradients inside loops slowly); ``"auto"``: python on CPU, scan on
@@ -133,6 +136,7 @@ class IBAUConfig:
   solver_tol: float = 1e-10
   outer_optimizer: Union[str, optax.GradientTransformation] = "adam"
   outer_lr: float = 1e-3
+  outer_lr_decay: float = 1.0
   loop: str = "auto"
   callback: Optional[RoundCallback] = dataclasses.field(default=None, compare=False)
 
@@ -180,6 +184,10 @@ class IBAUConfig:
     if self.fixed_point not in ("gradient", "projected"):
       raise ValueError(f"IBAUConfig.fixed_point must be 'gradient' or 'projected', "
                        f"got {self.fixed_point!r}")
+    if isinstance(self.outer_lr_decay, bool) or not isinstance(
+        self.outer_lr_decay, (int, float)) or not 0.0 < self.outer_lr_decay <= 1.0:
+      raise ValueError(f"IBAUConfig.outer_lr_decay must be in (0, 1], "
+                       f"got {self.outer_lr_decay!r}")
     if not 0.0 < float(self.perturbed_fraction) <= 1.0:
       raise ValueError(f"IBAUConfig.perturbed_fraction must be in (0, 1], "
                        f"got {self.perturbed_fraction!r}")
@@ -367,7 +375,8 @@ def _inner_step(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, rest: PyT
 
 def _outer_step(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state: PyTree,
                 rest: PyTree, delta: jax.Array, x: jax.Array, y: jax.Array,
-                x_inner: jax.Array, y_inner: jax.Array, mask_key: jax.Array, ok: jax.Array):
+                x_inner: jax.Array, y_inner: jax.Array, mask_key: jax.Array, ok: jax.Array,
+                round_index: jax.Array = 0):
   """One outer step.  ``ok`` is False once a hypergradient was non-finite: from then on the
   parameters stay as they were.  Returns ``(params, opt_state, finite, L_out, residual)``."""
   bsz = x.shape[0]
@@ -382,6 +391,9 @@ def _outer_step(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
                                 for g in jax.tree_util.tree_leaves(grads)]))
   updates, new_state = _make_optimizer(config.outer_optimizer, config.outer_lr).update(
       grads, opt_state, params)
+  if config.outer_lr_decay != 1.0:
+    scale = jnp.asarray(config.outer_lr_decay, jnp.float32) ** round_index
+    updates = jax.tree_util.tree_map(lambda u: u * scale.astype(u.dtype), updates)
   keep = ok & finite
   select = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), new, old)
   return (select(optax.apply_updates(params, updates), params), select(new_state, opt_state),
@@ -421,7 +433,8 @@ def _round_stats(delta, inner_losses, outer_losses, residuals, finite, choice=0)
 
 def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state: PyTree,
                 rest: PyTree, images: jax.Array, labels: jax.Array, key: jax.Array,
-                sharding: Optional[jax.sharding.NamedSharding] = None):
+                sharding: Optional[jax.sharding.NamedSharding] = None,
+                round_index: jax.Array = 0):
   """One whole round as one compiled program (``lax.scan`` over batches)."""
   k_perm, k_mask = jax.random.split(key)
   xb, yb = _batches(config, images, labels, k_perm, sharding)
@@ -454,7 +467,7 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
     index, x, y = inputs
     p, state, finite, loss, residual = _outer_step(
         config, apply_fn, p, state, rest, delta, x, y, xb[0], yb[0],
-        jax.random.fold_in(k_mask, index), ok)
+        jax.random.fold_in(k_mask, index), ok, round_index)
     return (p, state, ok & finite), (loss, residual, finite)
 
   (params, opt_state, _), (outer_losses, residuals, finite) = jax.lax.scan(
@@ -477,7 +490,8 @@ _round_stats_jit = jax.jit(_round_stats)
 
 def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state: PyTree,
                  rest: PyTree, images: jax.Array, labels: jax.Array, key: jax.Array,
-                 sharding: Optional[jax.sharding.NamedSharding] = None):
+                 sharding: Optional[jax.sharding.NamedSharding] = None,
+                 round_index: jax.Array = 0):
   """The same round as :func:`_round_scan`, one compiled program per step.
 
   XLA:CPU runs convolution gradients inside while-loop bodies many times slower than the
@@ -512,7 +526,7 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
   for b, (x, y) in enumerate(batches):
     params, opt_state, finite, loss, residual = _outer_step_jit(
         config, apply_fn, params, opt_state, rest, delta, x, y, *batches[0],
-        jax.random.fold_in(k_mask, b), ok)
+        jax.random.fold_in(k_mask, b), ok, round_index)
     ok = ok & finite
     outer_losses.append(loss)
     residuals.append(residual)
@@ -653,7 +667,7 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
     start = time.perf_counter()
     params, opt_state, delta, stats = round_fn(static, apply_fn, params, opt_state, rest,
                                                images, labels, jax.random.fold_in(key, r),
-                                               sharding)
+                                               sharding, jnp.asarray(r, jnp.int32))
     stats = jax.device_get(stats)
     seconds = time.perf_counter() - start
     if not bool(stats["finite"]):

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -325,6 +326,7 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("outer_optimizer", "rmsprop"), ("hypergrad_batch", "last"), ("norm_bound", -1.0),
     ("rounds", True), ("loop", "vmap"), ("fixed_point", "newton"), ("inner_projection", "never"),
     ("inner_candidates", (("lbfgs", 1.0, "end"),)), ("inner_candidates", (("sgd", -1.0, "end"),)),
+    ("outer_lr_decay", 0.0), ("outer_lr_decay", 1.5),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
@@ -472,3 +474,29 @@ def test_inner_candidates_keep_the_delta_with_the_best_inner_objective():
                            key=key)
       np.testing.assert_allclose(r.perturbation, alone[best], rtol=1e-5, atol=1e-6)
       assert r.history[0]["inner_choice"] == want
+
+
+@pytest.mark.parametrize("loop", ["python", "scan"])
+def test_outer_lr_decay_scales_round_r_updates_by_gamma_to_the_r(loop):
+  # With plain SGD the update of round r is exactly γ^r times the undecayed one; for r = 0
+  # nothing changes.
+  variables = _variables()
+  x, y = _data(16)
+  base = ibau_jax.IBAUConfig(rounds=1, batch_size=8, outer_optimizer="sgd", outer_lr=0.1,
+                             loop=loop)
+  key = jax.random.PRNGKey(6)
+  plain = ibau_jax.unlearn(apply_fn, variables, x, y, base, key=key)
+  decayed = ibau_jax.unlearn(apply_fn, variables, x, y, base.replace(outer_lr_decay=0.5),
+                             key=key)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, plain.variables, decayed.variables)
+  p, rest = variables["params"], {"batch_stats": variables["batch_stats"]}
+  opt = optax.sgd(0.1).init(p)
+  xb, yb = ibau._batches(base, jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0))
+  delta = jnp.full((H, W, 3), 0.05)
+  args = (rest, delta, xb[0], yb[0], xb[1], yb[1], jax.random.PRNGKey(1), jnp.asarray(True))
+  one, *_ = ibau._outer_step(base, apply_fn, p, opt, *args, jnp.asarray(2))
+  quarter, *_ = ibau._outer_step(base.replace(outer_lr_decay=0.5), apply_fn, p, opt, *args,
+                                 jnp.asarray(2))
+  jax.tree_util.tree_map(
+      lambda a, b, c: np.testing.assert_allclose(b - c, 0.25 * (a - c), rtol=1e-4, atol=1e-7),
+      one, quarter, p)
