@@ -206,7 +206,7 @@ def test_unlearn_returns_same_structure_and_passes_other_collections_through():
   assert [h["round"] for h in result.history] == [0, 1]
   for h in result.history:
     assert set(h) == {"round", "inner_loss", "outer_loss", "delta_norm", "residual_mean",
-                      "residual_max", "seconds"}
+                      "residual_max", "inner_choice", "seconds"}
     assert 0 < h["delta_norm"] <= SMALL.norm_bound + 1e-4
     assert np.isfinite(h["outer_loss"]) and h["seconds"] > 0
   assert result.perturbation.shape == (H, W, 3)
