@@ -550,14 +550,20 @@ def _compiled_programs() -> int:
 
 def _validate(apply_fn, variables, images, labels, config) -> int:
   """Checks the inputs of :func:`unlearn`; returns the number of classes."""
+  if not isinstance(config, IBAUConfig):
+    raise ValueError(f"config must be an IBAUConfig, got {type(config).__name__}")
+  return validate_clean_set(apply_fn, variables, images, labels, config.batch_size)
+
+
+def validate_clean_set(apply_fn, variables, images, labels, batch_size: int) -> int:
+  """The checks every defense makes on its inputs (clear ``ValueError``s); returns the
+  number of classes the model outputs."""
   if not callable(apply_fn):
     raise ValueError("apply_fn must be callable: apply_fn(variables, images) -> logits")
   if not isinstance(variables, Mapping) or "params" not in variables:
     raise ValueError("variables must be a mapping with a 'params' collection (Flax "
                      f"variables); got {type(variables).__name__}"
                      + (f" with keys {sorted(variables)}" if isinstance(variables, Mapping) else ""))
-  if not isinstance(config, IBAUConfig):
-    raise ValueError(f"config must be an IBAUConfig, got {type(config).__name__}")
   images_np = np.asarray(images)
   labels_np = np.asarray(labels)
   if images_np.ndim != 4:
@@ -576,9 +582,9 @@ def _validate(apply_fn, variables, images, labels, config) -> int:
   if not np.issubdtype(labels_np.dtype, np.integer):
     raise ValueError(f"labels must be integers; got dtype {labels_np.dtype}")
   n = images_np.shape[0]
-  if n < config.batch_size:
+  if n < batch_size:
     raise ValueError(f"the clean set has {n} images, fewer than one batch "
-                     f"(batch_size={config.batch_size})")
+                     f"(batch_size={batch_size})")
   try:
     out = jax.eval_shape(apply_fn, variables, jax.ShapeDtypeStruct((1,) + images_np.shape[1:],
                                                                    jnp.float32))

@@ -37,8 +37,7 @@ class DefenseResult:
 def check_inputs(apply_fn, variables, images, labels, batch_size: int) -> None:
   """The input checks every defense shares (the same messages as :func:`ibau_jax.unlearn`)."""
   from ibau_jax import ibau
-  ibau._validate(apply_fn, variables, images, labels,  # pylint: disable=protected-access
-                 ibau.IBAUConfig(batch_size=batch_size))
+  ibau.validate_clean_set(apply_fn, variables, images, labels, batch_size)
 
 
 def _ibau(apply_fn, variables, images, labels, config=None, *, key):
