@@ -2,16 +2,20 @@
 
 Training minimises the mean cross-entropy over mini-batches,
 
-    L(θ) = (1/B) Σ_i CE(f_θ(A(x_i)), y_i),
+    L(θ) = (1/B) Σ_i CE_ε(f_θ(A(x_i)), y_i),
 
-where ``A`` is the random augmentation of :func:`augment` (a random crop after zero padding
+(``CE_ε``: cross-entropy against the label smoothed by ε, ``(1 − ε)·onehot(y) + ε/C``;
+ε = 0 is plain cross-entropy) where ``A`` is the random augmentation of :func:`augment` (a random crop after zero padding
 and a random horizontal flip), with SGD (optionally momentum / Nesterov) or Adam.  Weight
 decay is *coupled* L2 (as in ``torch.optim``): ``λ θ`` is added to the gradient of every
 parameter (BatchNorm scales and biases included) before the optimizer update.
 
 The learning-rate schedule ``η(t)`` over step ``t`` is ``"constant"``, ``"cosine"``
-(``η₀ · ½(1 + cos(π t / T))`` with ``T`` the total number of steps) or ``"piecewise"``
-(``η₀ · γ^k`` after ``k`` of the epoch ``boundaries`` have passed).
+(``η₀ · ½(1 + cos(π t / T))`` with ``T`` the total number of steps), ``"linear"``
+(``η₀ · (1 − t / T)``) or ``"piecewise"`` (``η₀ · γ^k`` after ``k`` of the epoch
+``boundaries`` have passed).  With ``warmup_epochs = w > 0`` the first ``W = w · steps per
+epoch`` steps rise linearly from 0 to η₀, ``η(t) = η₀ · t / W``, and the schedule above
+runs over the remaining ``T − W`` steps.
 
 Each step is one ``jax.jit``-compiled function (:data:`train_step`) shared by every step and
 every :func:`fit` call with the same model, configuration and shapes.  The batch axis is split
@@ -50,7 +54,7 @@ EpochCallback = Callable[[int, Mapping[str, float]], Any]
 EvalFn = Callable[[PyTree], Mapping[str, float]]
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "cosine", "piecewise")
+SCHEDULES = ("constant", "cosine", "linear", "piecewise")
 PAD_MODES = ("constant", "reflect")
 CONFIG_FILENAME = "config.json"
 _CKPT_PREFIX = "epoch_"
@@ -119,11 +123,14 @@ class TrainConfig:
     learning_rate: η₀, the base learning rate.
     momentum: SGD momentum in [0, 1) (0: plain SGD).  Ignored by Adam.
     nesterov: Nesterov momentum (SGD with momentum > 0 only).
-    schedule: ``"constant"``, ``"cosine"`` or ``"piecewise"``.
+    schedule: ``"constant"``, ``"cosine"``, ``"linear"`` or ``"piecewise"``.
+    warmup_epochs: w >= 0, epochs (may be fractional) of linear warm-up from 0 to η₀ before
+      the schedule; must be < ``epochs``.
     boundaries: epochs (strictly increasing positive integers) at which the piecewise
       schedule multiplies the learning rate by ``decay_factor``; only for ``"piecewise"``.
     decay_factor: γ in (0, 1] of the piecewise schedule.
     weight_decay: λ >= 0 of the coupled L2 penalty.
+    label_smoothing: ε in [0, 1) of the smoothed cross-entropy.
     augment: apply :func:`augment` to every training batch.
     crop_padding: p of the random crop.
     flip: random horizontal flip.
@@ -139,9 +146,11 @@ class TrainConfig:
   momentum: float = 0.9
   nesterov: bool = False
   schedule: str = "constant"
+  warmup_epochs: float = 0.0
   boundaries: tuple[int, ...] = ()
   decay_factor: float = 0.1
   weight_decay: float = 5e-4
+  label_smoothing: float = 0.0
   augment: bool = True
   crop_padding: int = 4
   flip: bool = True
@@ -177,6 +186,9 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.nesterov must be a bool, got {self.nesterov!r}")
     if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
       raise ValueError("TrainConfig.nesterov=True needs optimizer='sgd' and momentum > 0")
+    if not 0.0 <= number("warmup_epochs") < self.epochs:
+      raise ValueError(f"TrainConfig.warmup_epochs must be in [0, epochs={self.epochs}), "
+                       f"got {self.warmup_epochs!r}")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, "
                        f"got {self.schedule!r}")
@@ -189,11 +201,17 @@ class TrainConfig:
                       for v in b) or any(x >= y for x, y in zip(b, b[1:])):
         raise ValueError("TrainConfig.boundaries must be a non-empty strictly increasing tuple "
                          f"of positive integers for schedule='piecewise', got {b!r}")
+      if b[0] <= self.warmup_epochs:
+        raise ValueError(f"TrainConfig.boundaries must all exceed warmup_epochs="
+                         f"{self.warmup_epochs!r}, got {b!r}")
     elif self.boundaries:
       raise ValueError(f"TrainConfig.boundaries is only used by schedule='piecewise', "
                        f"got {self.boundaries!r} with schedule={self.schedule!r}")
     if not 0.0 < number("decay_factor") <= 1.0:
       raise ValueError(f"TrainConfig.decay_factor must be in (0, 1], got {self.decay_factor!r}")
+    if not 0.0 <= number("label_smoothing") < 1.0:
+      raise ValueError(f"TrainConfig.label_smoothing must be in [0, 1), "
+                       f"got {self.label_smoothing!r}")
     if not number("weight_decay") >= 0.0:
       raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
     for name in ("augment", "flip"):
@@ -247,13 +265,21 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
       or steps_per_epoch < 1:
     raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
   lr = float(config.learning_rate)
+  warmup = int(round(float(config.warmup_epochs) * steps_per_epoch))
+  total = config.epochs * steps_per_epoch
   if config.schedule == "constant":
     schedule = optax.constant_schedule(lr)
   elif config.schedule == "cosine":
-    schedule = optax.cosine_decay_schedule(lr, decay_steps=config.epochs * steps_per_epoch)
+    schedule = optax.cosine_decay_schedule(lr, decay_steps=max(total - warmup, 1))
+  elif config.schedule == "linear":
+    schedule = optax.linear_schedule(lr, 0.0, transition_steps=max(total - warmup, 1))
   else:
     schedule = optax.piecewise_constant_schedule(
-        lr, {int(b) * steps_per_epoch: float(config.decay_factor) for b in config.boundaries})
+        lr, {int(b) * steps_per_epoch - warmup: float(config.decay_factor)
+             for b in config.boundaries})
+  if warmup > 0:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, transition_steps=warmup), schedule], [warmup])
   if config.optimizer == "sgd":
     opt = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
   else:
@@ -329,8 +355,12 @@ def create_train_state(model: nn.Module, config: TrainConfig, input_shape: Seque
 
 # --------------------------------------------------------------------------- steps
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0
+                   ) -> jax.Array:
+  if smoothing == 0.0:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def _train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array
@@ -353,7 +383,7 @@ def _train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: ja
       variables["batch_stats"] = state.batch_stats
     logits, updates = state.apply_fn(variables, x, train=True, mutable=["batch_stats"],
                                      rngs={"dropout": dropout_key})
-    return _cross_entropy(logits, labels), (logits, updates)
+    return _cross_entropy(logits, labels, config.label_smoothing), (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   param_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ibau_jax.models import get_model, model_names
+from ibau_jax.models import get_model, model_names, vgg
 from ibau_jax.models.torch_import import export_torch_state, load_torch_state
 
 EPS = 1e-5
@@ -309,3 +309,37 @@ def test_load_torch_state_accepts_dataparallel_prefix():
   prefixed = load_torch_state({f"module.{k}": v for k, v in sd.items()})
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
                                    plain, prefixed))
+
+
+# ----------------------------------------------------------------------------
+# The CPU-friendly ops of SmallVGG16 compute the same function as the XLA ops they replace.
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])
+def test_max_pool_2x2_equals_nn_max_pool(shape):
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  np.testing.assert_array_equal(vgg.max_pool_2x2(x),
+                                nn.max_pool(x, (2, 2), strides=(2, 2)))
+  # Without ties the gradient is the same one-hot routing as select-and-scatter.
+  g = jax.random.normal(jax.random.PRNGKey(1), vgg.max_pool_2x2(x).shape)
+  grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * g))(x)
+  np.testing.assert_allclose(grad(vgg.max_pool_2x2),
+                             grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))), atol=1e-6)
+
+
+def test_conv_im2col_equals_lax_conv_with_gradients():
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 6, 5, 3))
+  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4))
+  dn = ("NHWC", "HWIO", "NHWC")
+  ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                  dimension_numbers=dn)
+  ours = lambda x, k: vgg.conv_im2col(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+  np.testing.assert_allclose(ours(x, k), ref(x, k), rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(jax.random.PRNGKey(2), ref(x, k).shape)
+  grads = lambda f: jax.grad(lambda x, k: jnp.sum(f(x, k) * g), argnums=(0, 1))(x, k)
+  for a, b in zip(grads(ours), grads(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # Strided convolutions fall back to XLA's.
+  strided = vgg.conv_im2col(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn)
+  np.testing.assert_allclose(strided, jax.lax.conv_general_dilated(
+      x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn), rtol=1e-5, atol=1e-5)

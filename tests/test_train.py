@@ -105,7 +105,9 @@ def test_augment_bad_arguments():
 
 @pytest.mark.parametrize("kw", [
     dict(epochs=0), dict(batch_size=0), dict(optimizer="rmsprop"), dict(learning_rate=0.0),
-    dict(learning_rate=float("nan")), dict(momentum=1.0), dict(schedule="linear"),
+    dict(learning_rate=float("nan")), dict(momentum=1.0), dict(schedule="exponential"),
+    dict(epochs=2, warmup_epochs=2), dict(warmup_epochs=-0.5), dict(label_smoothing=1.0),
+    dict(epochs=4, schedule="piecewise", boundaries=(1, 3), warmup_epochs=1.0),
     dict(schedule="piecewise"), dict(schedule="piecewise", boundaries=(3, 2)),
     dict(boundaries=(1,)), dict(decay_factor=0.0), dict(weight_decay=-1.0),
     dict(crop_padding=-1), dict(eval_every=0), dict(log_every=0), dict(epochs=1.5),
@@ -124,6 +126,52 @@ def test_config_dict_round_trip_and_schedules():
   train.make_optimizer(train.TrainConfig(schedule="cosine", optimizer="adam"), 4)
   with pytest.raises(ValueError, match="unknown"):
     train.TrainConfig.from_dict({"nope": 1})
+
+
+def _lr_at(config, steps_per_epoch, steps):
+  """The learning rate the optimizer applies at each step (SGD without momentum on a
+  parameter with gradient 1 and no weight decay: the update is -η(t))."""
+  config = config.replace(momentum=0.0, weight_decay=0.0)
+  tx = train.make_optimizer(config, steps_per_epoch)
+  params = jnp.zeros(())
+  state = tx.init(params)
+  out = []
+  for _ in range(steps):
+    updates, state = tx.update(jnp.ones(()), state, params)
+    out.append(-float(updates))
+  return np.array(out)
+
+
+def test_warmup_then_linear_cosine_and_piecewise_schedules():
+  # 3 epochs of 4 steps, 1 warm-up epoch (W = 4 steps): η(t) = η₀ t / W, then the schedule
+  # over the remaining T - W = 8 steps.
+  base = train.TrainConfig(epochs=3, learning_rate=0.4, warmup_epochs=1.0)
+  t = np.arange(12.0)
+  warm = 0.4 * t[:4] / 4
+  np.testing.assert_allclose(_lr_at(base.replace(schedule="linear"), 4, 12),
+                             np.r_[warm, 0.4 * (1 - (t[4:] - 4) / 8)], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(_lr_at(base.replace(schedule="cosine"), 4, 12),
+                             np.r_[warm, 0.2 * (1 + np.cos(np.pi * (t[4:] - 4) / 8))],
+                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+      _lr_at(base.replace(schedule="piecewise", boundaries=(2,), decay_factor=0.5), 4, 12),
+      np.r_[warm, [0.4] * 4, [0.2] * 4], rtol=1e-6)
+  # No warm-up: the linear schedule starts at η₀ and reaches 0 at the end.
+  np.testing.assert_allclose(
+      _lr_at(train.TrainConfig(epochs=2, learning_rate=0.4, schedule="linear"), 4, 8),
+      0.4 * (1 - np.arange(8) / 8), rtol=1e-6, atol=1e-7)
+
+
+def test_label_smoothing_loss_by_hand():
+  logits = jnp.array([[2.0, -1.0, 0.5], [0.0, 1.0, 3.0]])
+  labels = jnp.array([0, 1])
+  log_p = np.asarray(jax.nn.log_softmax(logits))
+  eps = 0.3
+  target = (1 - eps) * np.eye(3)[[0, 1]] + eps / 3
+  np.testing.assert_allclose(train._cross_entropy(logits, labels, eps),
+                             -(target * log_p).sum(-1).mean(), rtol=1e-6)
+  np.testing.assert_allclose(train._cross_entropy(logits, labels),
+                             -log_p[[0, 1], [0, 1]].mean(), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- steps

@@ -14,7 +14,55 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+  """2x2 max pooling with stride 2 (odd trailing rows/columns dropped, as ``nn.max_pool``).
+
+  The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``, computed as a max over a
+  reshaped axis: on CPU its gradient (an equality mask) is about 5x faster than XLA's
+  select-and-scatter.  At ties the gradient is split evenly between the maxima instead of
+  going to one of them.
+  """
+  n, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2, :]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def conv_im2col(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """``lax.conv_general_dilated`` for NHWC/HWIO stride-1 convolutions as one matrix product.
+
+  Gathers the kh*kw shifted copies of the padded input along the channel axis (im2col) and
+  multiplies by the kernel reshaped to ``(kh*kw*C_in, C_out)``.  Used for convolutions with
+  few input channels (the first layer), where XLA's CPU convolution and its kernel gradient
+  are about 2.5x slower than the matrix product.  Falls back to ``lax.conv_general_dilated``
+  for anything else (strides, dilation, groups).
+  """
+  simple = (tuple(window_strides) == (1, 1) and not kwargs and feature_group_count == 1
+            and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+            and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
+            and not isinstance(padding, str)
+            and (dimension_numbers is None or tuple(dimension_numbers) == ("NHWC", "HWIO", "NHWC")
+                 or getattr(dimension_numbers, "lhs_spec", None) == (0, 3, 1, 2)
+                 and dimension_numbers.rhs_spec == (3, 2, 0, 1)
+                 and dimension_numbers.out_spec == (0, 3, 1, 2)))
+  if not simple:
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, feature_group_count,
+                                        precision=precision, **kwargs)
+  kh, kw, cin, cout = rhs.shape
+  (pt, pb), (pl, pr) = padding
+  x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  n, hp, wp, _ = x.shape
+  h, w = hp - kh + 1, wp - kw + 1
+  cols = jnp.concatenate([x[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)],
+                         axis=-1)
+  out = jnp.dot(cols.reshape(n * h * w, kh * kw * cin), rhs.reshape(kh * kw * cin, cout),
+                precision=precision)
+  return out.reshape(n, h, w, cout)
 
 
 class SmallVGG16(nn.Module):
@@ -34,11 +82,14 @@ class SmallVGG16(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     for stage, (width, rate) in enumerate(zip(self.widths, self.dropout_rates)):
       for j in range(2):
-        x = nn.Conv(width, (3, 3), padding=1, name=f"conv{stage}_{j}")(x)
+        # im2col for thin inputs (the RGB layer): same parameters, same function.
+        conv = conv_im2col if x.shape[-1] <= 4 else jax.lax.conv_general_dilated
+        x = nn.Conv(width, (3, 3), padding=1, conv_general_dilated=conv,
+                    name=f"conv{stage}_{j}")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          name=f"bn{stage}_{j}")(x)
         x = nn.elu(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
       x = nn.Dropout(rate, deterministic=not train)(x)
     # Flatten in PyTorch's (C, H, W) order.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))
