@@ -6,8 +6,8 @@ One cell = (attack, defense, seed):
    tensorflow-datasets; the ``smoke`` preset makes a small synthetic set instead);
 2. poison the attacker's training images at ``poison_ratio`` with the attack (a pure function
    of the seed) and train the model on them, or reuse the model a previous cell or run trained
-   with the same data, attack and training configuration (``workdir/models/``; an interrupted
-   training resumes from its last epoch);
+   with the same data, attack and training configuration (``workdir/models/``, or the shared
+   ``--model-dir``; an interrupted training resumes from its last epoch);
 3. evaluate clean accuracy (ACC), attack success rate on triggered non-target images (ASR) and
    robust accuracy (RA) on the evaluation images;
 4. run the defense on the defender's clean set (held out from training), evaluating after
@@ -47,7 +47,14 @@ import numpy as np
 from ibau_jax import files
 
 PRESETS = ("smoke", "cpu", "paper")
-DEFENSES = ("ibau", "ft", "none")
+# Defense names of the experiments: the registry's (ibau_jax.defenses), plus "none" (the
+# poisoned model evaluated as it is).  Kept as a function so nothing is imported at import time.
+def defense_names() -> list[str]:
+  from ibau_jax import defenses
+  names = defenses.defense_names()
+  first = [n for n in ("ibau", "ft") if n in names]
+  return first + [n for n in names if n not in first] + ["none"]
+
 DATASETS = {"cifar10": 10, "gtsrb": 43}
 # Attack names of the experiments: the registry's plus the all-to-all BadNets and a clean
 # model ("clean": no poisoning; ASR is then that of the BadNets trigger on a clean model).
@@ -81,6 +88,8 @@ class ExperimentConfig:
     train: :class:`ibau_jax.train.TrainConfig` fields for the attacker's training.
     ibau: :class:`ibau_jax.IBAUConfig` fields that differ from the default.
     ft: :class:`ibau_jax.defenses.FTConfig` fields that differ from the default.
+    defense_settings: for every other defense name, its config fields that differ from the
+      default (``{"nc": {"steps": 500}}``; ``--set nc.steps=500``).
   """
 
   dataset: str
@@ -99,6 +108,7 @@ class ExperimentConfig:
   train: dict = dataclasses.field(default_factory=dict)
   ibau: dict = dataclasses.field(default_factory=dict)
   ft: dict = dataclasses.field(default_factory=dict)
+  defense_settings: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.dataset not in DATASETS:
@@ -108,9 +118,10 @@ class ExperimentConfig:
     unknown = [a for a in self.attacks if a not in attack_names()]
     if unknown or not self.attacks:
       raise ValueError(f"unknown attack(s) {unknown}; choose from {attack_names()} or 'all'")
-    unknown = [d for d in self.defenses if d not in DEFENSES]
+    known = defense_names()
+    unknown = [d for d in self.defenses if d not in known]
     if unknown or not self.defenses:
-      raise ValueError(f"unknown defense(s) {unknown}; choose from {list(DEFENSES)} or 'all'")
+      raise ValueError(f"unknown defense(s) {unknown}; choose from {known} or 'all'")
     if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
       raise ValueError(f"seeds must be non-negative integers, got {self.seeds!r}")
     if not 0 <= self.target < DATASETS[self.dataset]:
@@ -123,6 +134,14 @@ class ExperimentConfig:
     self.train_config()  # validates the nested fields
     self.ibau_config()
     self.defense_config("ft")
+    if not isinstance(self.defense_settings, dict):
+      raise ValueError(f"defense_settings must be a dict, got {self.defense_settings!r}")
+    for name in self.defense_settings:
+      if name in ("ibau", "ft") or name not in known or name == "none":
+        raise ValueError(f"defense_settings: {name!r} is not a defense with settings there "
+                         f"(ibau and ft have their own fields); choose from "
+                         f"{[n for n in known if n not in ('ibau', 'ft', 'none')]}")
+      self.defense_config(name)
 
   def train_config(self):
     from ibau_jax import train as train_lib
@@ -139,7 +158,8 @@ class ExperimentConfig:
     fields for it and with ``extra``)."""
     from ibau_jax import defenses
     _, cls = defenses.get_defense(name)
-    given = getattr(self, name, {})
+    given = getattr(self, name) if name in ("ibau", "ft") else \
+        self.defense_settings.get(name, {})
     fields = {f.name for f in dataclasses.fields(cls)} - {"callback"}
     unknown = set(given) - fields
     if unknown:
@@ -287,19 +307,38 @@ def cell_name(attack: str, defense: str, seed: int) -> str:
   return f"{attack}__{defense}__seed{seed}"
 
 
-def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits: Splits,
-                   workdir: pathlib.Path, log: Callable[[str], None], progress: bool):
-  """Poisons and trains (or loads the cached model); returns ``(variables, info)``."""
-  import flax.serialization
+def poisoned_training_set(config: ExperimentConfig, attack_name: str, seed: int,
+                          splits: Splits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The attacker's training set ``(images, labels, poisoned mask)`` (a pure function of the
+  seed)."""
   import jax
   from ibau_jax import attacks
+  if attack_name == "clean":
+    return splits.train_x, splits.train_y, np.zeros(len(splits.train_y), bool)
+  k_poison, _ = jax.random.split(jax.random.PRNGKey(seed))
+  attack = make_attack(attack_name, config)
+  noise = 2 * config.poison_ratio if attack_name == "wanet" else 0.0
+  x, y, mask = attacks.poison(splits.train_x, splits.train_y, attack, config.poison_ratio,
+                              key=k_poison, num_classes=DATASETS[config.dataset],
+                              noise_ratio=noise)
+  return np.asarray(x), np.asarray(y), np.asarray(mask)
+
+
+def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits: Splits,
+                   model_dir: pathlib.Path, log: Callable[[str], None], progress: bool):
+  """Poisons and trains (or loads the cached model from ``model_dir``); returns
+  ``(variables, info)``.  The cache key is everything that determines the model (dataset,
+  attack, seed, target, poison ratio, model, training data size and config), so sweeps with
+  different defenses can share one ``model_dir``."""
+  import flax.serialization
+  import jax
   from ibau_jax import train as train_lib
 
   spec = dict(dataset=config.dataset, attack=attack_name, seed=seed, target=config.target,
               poison_ratio=config.poison_ratio, model=config.model,
               model_widths=config.model_widths, train_size=config.train_size,
               synthetic=config.synthetic, train=config.train)
-  folder = workdir / "models" / f"{attack_name}_seed{seed}_{_digest(spec)}"
+  folder = model_dir / f"{attack_name}_seed{seed}_{_digest(spec)}"
   final = folder / "variables.msgpack"
   model = _model(config)
   tconfig = config.train_config()
@@ -312,16 +351,9 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
     log(f"  model: reused {folder.name} (trained in {info['train_seconds'] / 60:.1f} min)")
     return variables, info
   key = jax.random.PRNGKey(seed)
-  k_poison, k_train = jax.random.split(key)
+  _, k_train = jax.random.split(key)
   start = time.perf_counter()
-  if attack_name == "clean":
-    x, y, mask = splits.train_x, splits.train_y, np.zeros(len(splits.train_y), bool)
-  else:
-    attack = make_attack(attack_name, config)
-    noise = 2 * config.poison_ratio if attack_name == "wanet" else 0.0
-    x, y, mask = attacks.poison(splits.train_x, splits.train_y, attack, config.poison_ratio,
-                                key=k_poison, num_classes=DATASETS[config.dataset],
-                                noise_ratio=noise)
+  x, y, mask = poisoned_training_set(config, attack_name, seed, splits)
   bar = _bar(tconfig.epochs, f"train {attack_name} seed {seed}", progress)
 
   def callback(epoch, metrics):
@@ -359,14 +391,15 @@ def _bar(total: int, desc: str, progress: bool):
 
 
 def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int,
-             splits: Splits, workdir: pathlib.Path, log: Callable[[str], None],
+             splits: Splits, model_dir: pathlib.Path, log: Callable[[str], None],
              progress: bool) -> dict:
   import jax
   from ibau_jax import metrics
 
   model = _model(config)
   apply_fn = _apply_fn(model)
-  variables, info = train_poisoned(config, attack_name, seed, splits, workdir, log, progress)
+  variables, info = train_poisoned(config, attack_name, seed, splits, model_dir, log,
+                                   progress)
   attack = make_attack(attack_name, config)
 
   all_to_all = attack.mode == "all_to_all"
@@ -388,17 +421,29 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
     steps = getattr(dconfig, "rounds", None) or getattr(dconfig, "epochs", 1)
     bar = _bar(steps, f"{defense} {attack_name} seed {seed}", progress)
 
+    eval_seconds = [0.0]
+
     def callback(r, stats, v):
+      t = time.perf_counter()
       m = evaluate(v)
-      rounds.append({**stats, **m})
+      rounds.append({"step": r, **_jsonable(stats), **m})
       bar.update(1)
       bar.set_postfix(acc=f"{m['acc']:.3f}", asr=f"{m['asr']:.3f}")
+      eval_seconds[0] += time.perf_counter() - t
 
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    images, labels, start_from = splits.clean_x, splits.clean_y, variables
+    if defense == "dp":
+      # DP-SGD replaces the attacker's training: a fresh model trained with per-example
+      # clipping and noise on the poisoned training set (no clean set).
+      images, labels, _ = poisoned_training_set(config, attack_name, seed, splits)
+      start_from = jax.device_get(model.init(jax.random.fold_in(key, 2), images[:1],
+                                             train=False))
     start = time.perf_counter()
-    result = fn(apply_fn, variables, splits.clean_x, splits.clean_y,
-                dconfig.replace(callback=callback),
-                key=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
-    seconds = time.perf_counter() - start
+    result = fn(apply_fn, start_from, images, labels, dconfig.replace(callback=callback),
+                key=key)
+    # The defense's own time: the evaluations the callback runs are not part of it.
+    seconds = time.perf_counter() - start - eval_seconds[0]
     bar.close()
     if getattr(result, "perturbation", None) is not None:
       delta = np.asarray(result.perturbation)
@@ -415,6 +460,22 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
               acc_after=after["acc"], asr_after=after["asr"], ra_after=after["ra"],
               der=float(der), rounds=rounds,
               delta=None if delta is None else delta.tolist())
+
+
+def _jsonable(stats: dict) -> dict:
+  """The JSON-friendly part of a defense's per-step stats: numbers, strings and short
+  lists (large arrays such as reversed triggers are left out of the results)."""
+  out = {}
+  for k, v in stats.items():
+    if isinstance(v, (bool, int, float, str)) or v is None:
+      out[k] = v
+    elif isinstance(v, (np.floating, np.integer, np.bool_)):
+      out[k] = v.item()
+    elif np.ndim(v) == 0 and hasattr(v, "item"):
+      out[k] = np.asarray(v).item()
+    elif np.size(v) <= 64:
+      out[k] = np.asarray(v).tolist()
+  return out
 
 
 _APPLY_FNS: dict = {}
@@ -494,7 +555,7 @@ def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
   for key, label in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA")):
     ys = [cell[f"{key}_before"]] + [r[key] for r in cell["rounds"]]
     ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
-  ax.set_xlabel("defense rounds (epochs for ft) done")
+  ax.set_xlabel("defense steps done (I-BAU rounds, epochs or stages)")
   ax.set_ylabel("%")
   ax.set_ylim(-2, 102)
   ax.set_xticks(xs)
@@ -562,14 +623,16 @@ def _check_workdir(config: ExperimentConfig, workdir: pathlib.Path) -> None:
 
 def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
         data_dir: Optional[str] = None, log: Callable[[str], None] = print,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, model_dir: Optional[str | os.PathLike] = None) -> list[dict]:
   """Runs every (attack, defense, seed) cell of ``config`` not already in ``workdir``.
 
-  Returns the cells (finished earlier or now) in sweep order; the reports in ``workdir`` are
-  refreshed after every cell.
+  Trained models are cached in ``model_dir`` (default ``workdir/models``); pointing several
+  sweeps at one ``model_dir`` trains each model once.  Returns the cells (finished earlier or
+  now) in sweep order; the reports in ``workdir`` are refreshed after every cell.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  model_dir = pathlib.Path(model_dir) if model_dir is not None else workdir / "models"
   _check_workdir(config, workdir)
   if not config.synthetic:
     from ibau_jax import data as data_lib
@@ -589,7 +652,7 @@ def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
       log(f"[{i + 1}/{len(todo)}] {attack_name} / {defense} / seed {seed}: done earlier")
       continue
     log(f"[{i + 1}/{len(todo)}] {attack_name} / {defense} / seed {seed}")
-    cell = run_cell(config, attack_name, defense, seed, splits, workdir, log, progress)
+    cell = run_cell(config, attack_name, defense, seed, splits, model_dir, log, progress)
     files.atomic_write(path, json.dumps(cell))
     cells.append(cell)
     write_reports(config, cells, workdir, splits)
@@ -614,7 +677,7 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
   if args.attack is not None:
     base["attacks"] = attack_names() if args.attack == "all" else args.attack.split(",")
   if args.defense is not None:
-    base["defenses"] = list(DEFENSES) if args.defense == "all" else args.defense.split(",")
+    base["defenses"] = defense_names() if args.defense == "all" else args.defense.split(",")
   if args.seeds is not None:
     try:
       base["seeds"] = [int(s) for s in args.seeds.split(",")]
@@ -627,13 +690,17 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
     head, _, sub = field.partition(".")
     if head in ("train", "ibau", "ft") and sub:
       base[head] = {**base[head], sub: _parse_value(value)}
+    elif sub and head in defense_names() and head != "none":
+      settings = dict(base.get("defense_settings") or {})
+      settings[head] = {**settings.get(head, {}), sub: _parse_value(value)}
+      base["defense_settings"] = settings
     elif head in base and not sub and head not in ("dataset", "preset"):
       base[head] = _parse_value(value)
     else:
       raise ValueError(f"--set: unknown field {field!r}; use one of "
                        f"{sorted(k for k in base if k not in ('dataset', 'preset'))}, "
-                       "train.<TrainConfig field>, ibau.<IBAUConfig field> or "
-                       "ft.<FTConfig field>")
+                       "train.<TrainConfig field>, ibau.<IBAUConfig field>, "
+                       "ft.<FTConfig field> or <defense>.<its config field>")
   return ExperimentConfig.from_dict(base)
 
 
@@ -643,7 +710,8 @@ def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
       description=f"Train backdoored models on {dataset}, defend them, report ACC/ASR/RA. "
                   + __doc__.split("\n\n")[1],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Attacks: " + ", ".join(attack_names()) + ". Defenses: " + ", ".join(DEFENSES)
+      epilog="Attacks: " + ", ".join(attack_names()) + ". Defenses: "
+             + ", ".join(defense_names())
              + ".\nExample: --attack badnets,blend --seeds 0,1 --set ibau.rounds=5 "
              "--set train.epochs=3")
   parser.add_argument("--attack", default=None,
@@ -663,6 +731,9 @@ def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
                            "tensorflow-datasets / download)")
   parser.add_argument("--workdir", default=None,
                       help=f"output folder (default: runs/{dataset}_<preset>)")
+  parser.add_argument("--model-dir", default=None,
+                      help="cache of trained models, shareable between sweeps (default: "
+                           "<workdir>/models)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
   try:
@@ -671,7 +742,8 @@ def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
     parser.error(str(e))
   workdir = pathlib.Path(args.workdir or f"runs/{dataset}_{args.preset}")
   try:
-    cells = run(config, workdir, data_dir=args.data_dir, progress=not args.no_progress)
+    cells = run(config, workdir, data_dir=args.data_dir, progress=not args.no_progress,
+                model_dir=args.model_dir)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

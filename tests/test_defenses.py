@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,11 +15,15 @@ from test_ibau import _data, _variables, apply_fn
 
 
 def test_registry():
-  assert defenses.defense_names() == ["ft", "ibau"]
+  assert set(defenses.defense_names()) >= {"ft", "ibau", "nc", "tabor", "fp", "nad"}
   fn, cls = defenses.get_defense("ft")
   assert fn is defenses.fine_tune and cls is defenses.FTConfig
-  with pytest.raises(ValueError, match="unknown defense 'nc'"):
-    defenses.get_defense("nc")
+  for name in defenses.defense_names():
+    fn, cls = defenses.get_defense(name)
+    assert callable(fn) and dataclasses.is_dataclass(cls) and "callback" in {
+        f.name for f in dataclasses.fields(cls)}
+  with pytest.raises(ValueError, match="unknown defense 'nope'"):
+    defenses.get_defense("nope")
 
 
 def test_fine_tune_equals_hand_written_sgd_with_momentum_and_weight_decay():

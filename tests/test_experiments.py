@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from experiments import attack_table
+from experiments import compare_defenses
 from experiments import cifar10
 from experiments import gtsrb
 from experiments import pipeline
@@ -146,7 +148,7 @@ def test_config_round_trips_and_every_field_is_overridable():
   config = pipeline.config_from_args("gtsrb", _args(TINY + ["--attack", "all", "--defense",
                                                              "all", "--seeds", "3,4"]))
   assert config.attacks == tuple(pipeline.attack_names())
-  assert config.defenses == pipeline.DEFENSES and config.seeds == (3, 4)
+  assert config.defenses == tuple(pipeline.defense_names()) and config.seeds == (3, 4)
   assert config.train["epochs"] == 1 and config.ibau["batch_size"] == 50
   assert pipeline.ExperimentConfig.from_dict(config.to_dict()) == config
   with pytest.raises(ValueError, match="target must be in"):
@@ -157,3 +159,60 @@ def test_config_round_trips_and_every_field_is_overridable():
 def test_cifar10_entry_refuses_other_datasets(tmp_path):
   with pytest.raises(ValueError, match="runs dataset 'cifar10'"):
     cifar10.run(pipeline.preset("smoke", "gtsrb"), tmp_path)
+
+
+def test_attack_table_checks_and_shared_model_cache(tmp_path, capsys):
+  models = tmp_path / "models"
+  args = ["--preset", "smoke", "--attacks", "clean,badnets", "--no-progress", "--model-dir",
+          str(models)] + TINY[3:]
+  assert attack_table.main(args + ["--workdir", str(tmp_path / "t")]) == 0
+  out = capsys.readouterr().out
+  assert "| clean | 0 |" in out and "| badnets | 0 |" in out
+  saved = json.loads((tmp_path / "t" / "attack_table.json").read_text())
+  assert [r["attack"] for r in saved["rows"]] == ["clean", "badnets"]
+  assert len(list(models.iterdir())) == 2
+  # A defense sweep pointed at the same model cache trains nothing.
+  assert cifar10.main(TINY + ["--attack", "badnets", "--defense", "none", "--workdir",
+                              str(tmp_path / "d"), "--model-dir", str(models)]) == 0
+  assert "model: reused" in capsys.readouterr().out
+  # The checks: ASR floor (80 % for all-to-all) and ACC within 3 points of the clean model.
+  cell = lambda attack, acc, asr: dict(attack=attack, seed=0, acc_before=acc, asr_before=asr,
+                                       ra_before=0.0, poisoned=1, train_seconds=60.0)
+  rows, markdown = attack_table.table([cell("clean", 0.80, 0.01), cell("badnets", 0.775, 0.95),
+                                       cell("blend", 0.765, 0.99), cell("sig", 0.80, 0.89),
+                                       cell("badnets_all_to_all", 0.79, 0.85)])
+  checks = {r["attack"]: (r.get("asr_ok"), r.get("acc_ok")) for r in rows}
+  assert checks == {"clean": (None, None), "badnets": (True, True), "blend": (True, False),
+                    "sig": (False, True), "badnets_all_to_all": (True, True)}
+  assert "| blend | 0 | 1 | 76.50 | 99.00 |" in markdown
+
+
+def test_every_registered_defense_has_settings_from_the_command_line():
+  config = pipeline.config_from_args("cifar10", _args(TINY + [
+      "--defense", "nc,fp", "--set", "nc.steps=7", "--set", "fp.prune_ratio=0.5"]))
+  assert config.defense_settings == {"nc": {"steps": 7}, "fp": {"prune_ratio": 0.5}}
+  assert config.defense_config("nc").steps == 7
+  assert config.defense_config("fp").prune_ratio == 0.5
+  assert pipeline.ExperimentConfig.from_dict(config.to_dict()) == config
+  with pytest.raises(ValueError, match="unknown nc fields"):
+    pipeline.config_from_args("cifar10", _args(TINY + ["--set", "nc.nope=1"]))
+  with pytest.raises(ValueError, match="defense_settings"):
+    pipeline.ExperimentConfig.from_dict({**config.to_dict(),
+                                         "defense_settings": {"ibau": {"rounds": 2}}})
+
+
+def test_comparison_table_cells_and_time_ratio():
+  def cell(attack, defense, acc, asr, seconds):
+    return dict(attack=attack, seed=0, defense=defense, acc_before=0.8, asr_before=0.99,
+                acc_after=acc, asr_after=asr, defense_seconds=seconds)
+  cells = [cell("badnets", "ibau", 0.79, 0.02, 10.0), cell("badnets", "ft", 0.78, 0.5, 30.0),
+           cell("badnets", "nc", 0.77, 0.1, 400.0), cell("badnets", "none", 0.8, 0.99, 0.0),
+           cell("wanet", "ibau", 0.75, 0.04, 20.0), cell("wanet", "nc", 0.7, 0.2, 300.0)]
+  rows, markdown = compare_defenses.comparison(cells, ["ibau", "ft", "nc", "none"])
+  assert [r["attack"] for r in rows] == ["badnets", "wanet"]
+  assert rows[0]["ratio"] == 3.0 and rows[0]["fastest_baseline"] == "ft"
+  assert rows[1]["ratio"] == 15.0 and rows[1]["fastest_baseline"] == "nc"
+  assert "| badnets | 0 | 80.0 / 99.0 | 79.0 / 2.0 / 10 | 78.0 / 50.0 / 30 | 77.0 / 10.0 / 400 |" \
+      in markdown
+  assert "| wanet | 0 | 80.0 / 99.0 | 75.0 / 4.0 / 20 | - |" in markdown
+  assert "Median ratio of the fastest baseline's time to I-BAU's: 9.0 (over 2 rows)" in markdown

@@ -13,7 +13,21 @@ name     what                                            config
 =======  ==============================================  ======================
 ibau     I-BAU (:func:`ibau_jax.unlearn`)                :class:`IBAUConfig`
 ft       fine-tuning on the clean set                    :class:`FTConfig`
+nc       Neural Cleanse (:mod:`.nc`)                     :class:`NCConfig`
+tabor    TABOR (:mod:`.tabor`)                           :class:`TABORConfig`
+fp       Fine-Pruning (:mod:`.fp`)                       :class:`FPConfig`
+nad      Neural Attention Distillation (:mod:`.nad`)     :class:`NADConfig`
+deepinspect  DeepInspect (:mod:`.deepinspect`)           :class:`DeepInspectConfig`
+anp      Adversarial Neuron Pruning (:mod:`.anp`)        :class:`ANPConfig`
+dp       DP-SGD training (:mod:`.dp`)                    :class:`DPConfig`
 =======  ==============================================  ======================
+
+``dp`` is the exception to "clean set in": it trains ``variables`` (normally a fresh
+initialisation) on the images it is given, which for this defense are the (poisoned) training
+set; :mod:`experiments.pipeline` passes it those.
+
+Fine-Pruning and NAD read inner layers, which :mod:`.layers` finds in any Flax linen model
+behind ``apply_fn``; for other models they raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -48,7 +62,12 @@ def _ibau(apply_fn, variables, images, labels, config=None, *, key):
 
 def _registry() -> dict[str, tuple[Callable, type]]:
   from ibau_jax import ibau
-  return {"ibau": (_ibau, ibau.IBAUConfig), "ft": (fine_tune, FTConfig)}
+  from ibau_jax.defenses import anp, deepinspect, dp, fp, nad, nc, tabor
+  return {"ibau": (_ibau, ibau.IBAUConfig), "ft": (fine_tune, FTConfig),
+          "nc": (nc.neural_cleanse, nc.NCConfig), "tabor": (tabor.tabor, tabor.TABORConfig),
+          "fp": (fp.fine_pruning, fp.FPConfig), "nad": (nad.nad, nad.NADConfig),
+          "deepinspect": (deepinspect.deepinspect, deepinspect.DeepInspectConfig),
+          "anp": (anp.anp, anp.ANPConfig), "dp": (dp.dp_sgd, dp.DPConfig)}
 
 
 def defense_names() -> list[str]:

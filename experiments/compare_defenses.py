@@ -1,0 +1,130 @@
+"""The paper-style comparison: rows attacks, columns defenses, cells ACC / ASR / seconds.
+
+    python -m experiments.compare_defenses --data-dir ../shared/data \\
+        --attacks badnets,blend,trojan_wm,wanet,sig --clean-sizes 5000,100
+
+For every clean-set size it runs one sweep of :mod:`experiments.pipeline` (attacks x
+defenses, defense ``none`` included for the before-numbers) in
+``<workdir>/clean<size>/``, sharing the trained models through ``--model-dir`` (default
+``runs/models_<dataset>_<preset>``, the same cache as :mod:`experiments.attack_table`), and
+writes ``comparison.md`` / ``comparison.json`` in ``<workdir>``:
+
+* one table per clean-set size: a row per (attack, seed), a column per defense, each cell
+  ``ACC / ASR / seconds`` after the defense (ACC and ASR in %, seconds of the defense alone,
+  without the evaluations run between its rounds);
+* the ratio of the fastest baseline's time to I-BAU's time per row and its median (the
+  I-BAU paper reports the fastest baseline at least 13 times slower than I-BAU).
+
+Resumable like every sweep: rerun the same command after an interruption.  With 100 clean
+images the batch sizes of the defenses are capped at 100 (``--set`` can override).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+from typing import Optional, Sequence
+
+from experiments import pipeline
+from ibau_jax import files
+
+DEFAULT_ATTACKS = ("badnets", "blend", "trojan_wm", "wanet", "sig")
+
+
+def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dict], str]:
+  """Rows ``{attack, seed, before, <defense>: {acc, asr, seconds}, ratio}`` and markdown."""
+  by_row: dict[tuple, dict] = {}
+  for c in cells:
+    row = by_row.setdefault((c["attack"], c["seed"]), dict(attack=c["attack"], seed=c["seed"]))
+    row["before"] = dict(acc=c["acc_before"], asr=c["asr_before"])
+    row[c["defense"]] = dict(acc=c["acc_after"], asr=c["asr_after"],
+                             seconds=c["defense_seconds"])
+  shown = [d for d in defenses if d != "none"]
+  baselines = [d for d in shown if d != "ibau"]
+  rows = []
+  for row in by_row.values():
+    times = [row[d]["seconds"] for d in baselines if d in row]
+    if "ibau" in row and times and row["ibau"]["seconds"] > 0:
+      row["fastest_baseline"] = min((row[d]["seconds"], d) for d in baselines if d in row)[1]
+      row["ratio"] = min(times) / row["ibau"]["seconds"]
+    rows.append(row)
+  head = "| attack | seed | before | " + " | ".join(shown) + " | fastest baseline / I-BAU time |"
+  lines = [head, "|" + "---|" * (len(shown) + 4)]
+  for row in rows:
+    cells_md = []
+    for d in shown:
+      v = row.get(d)
+      cells_md.append("-" if v is None else
+                      f"{100 * v['acc']:.1f} / {100 * v['asr']:.1f} / {v['seconds']:.0f}")
+    ratio = f"{row['ratio']:.1f} ({row['fastest_baseline']})" if "ratio" in row else "-"
+    lines.append(f"| {row['attack']} | {row['seed']} | {100 * row['before']['acc']:.1f} / "
+                 f"{100 * row['before']['asr']:.1f} | " + " | ".join(cells_md) + f" | {ratio} |")
+  ratios = [r["ratio"] for r in rows if "ratio" in r]
+  if ratios:
+    lines.append("")
+    lines.append(f"Median ratio of the fastest baseline's time to I-BAU's: "
+                 f"{statistics.median(ratios):.1f} (over {len(ratios)} rows).")
+  return rows, "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m experiments.compare_defenses",
+                                   description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split("\n\n", 2)[2])
+  parser.add_argument("--dataset", default="cifar10", choices=sorted(pipeline.DATASETS))
+  parser.add_argument("--preset", default="cpu", choices=pipeline.PRESETS)
+  parser.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS))
+  parser.add_argument("--defenses", default="all",
+                      help="comma-separated defenses or 'all' (default); 'none' is added")
+  parser.add_argument("--clean-sizes", default="5000,100")
+  parser.add_argument("--seeds", default="0")
+  parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--workdir", default=None, help="default: runs/compare_<dataset>_<preset>")
+  parser.add_argument("--model-dir", default=None, help="default: runs/models_<dataset>_<preset>")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a config field, as in experiments.cifar10 --set")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  defenses = pipeline.defense_names() if args.defenses == "all" else args.defenses.split(",")
+  if "none" not in defenses:
+    defenses = defenses + ["none"]
+  try:
+    sizes = [int(s) for s in args.clean_sizes.split(",")]
+  except ValueError:
+    parser.error(f"--clean-sizes must be comma-separated integers, got {args.clean_sizes!r}")
+  workdir = pathlib.Path(args.workdir or f"runs/compare_{args.dataset}_{args.preset}")
+  model_dir = args.model_dir or f"runs/models_{args.dataset}_{args.preset}"
+  report, markdown = {}, []
+  for size in sizes:
+    extra = [f"clean_size={size}"]
+    if size < 128:
+      # Every batch must fit in the clean set.
+      extra += [f"ibau.batch_size={size}", f"ft.batch_size={size}"] + [
+          f"{d}.batch_size={min(size, 64)}" for d in defenses
+          if d not in ("ibau", "ft", "none")]
+    sweep = argparse.Namespace(attack=args.attacks, defense=",".join(defenses),
+                               seeds=args.seeds, preset=args.preset, set=extra + args.set)
+    try:
+      config = pipeline.config_from_args(args.dataset, sweep)
+      cells = pipeline.run(config, workdir / f"clean{size}", data_dir=args.data_dir,
+                           model_dir=model_dir, progress=not args.no_progress)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    rows, md = comparison(cells, defenses)
+    report[str(size)] = rows
+    markdown.append(f"### {size} clean images\n\nCells: ACC % / ASR % / seconds after the "
+                    f"defense.\n\n{md}")
+  files.atomic_write(workdir / "comparison.json", json.dumps(report, indent=1))
+  files.atomic_write(workdir / "comparison.md", "\n".join(markdown))
+  print()
+  print("\n".join(markdown))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,204 @@
+"""Differentially private training (DP-SGD) as a backdoor defense (Du, Jia & Song, ICLR 2020,
+"Robust anomaly detection and backdoor attack detection via differential privacy").
+
+Poisoned examples are rare outliers of the training distribution; DP-SGD bounds the
+influence of every single example on the model (Abadi et al., CCS 2016), so a model trained
+with it learns the majority's task but hardly the few examples that carry the trigger.
+Unlike the other defenses, this one TRAINS A MODEL: ``images, labels`` are the (possibly
+poisoned) TRAINING SET, not a small clean set, and ``variables`` are the initial variables
+(e.g. a fresh ``model.init``) that training starts from.
+
+Each step, on a batch ``B`` of ``b`` examples with per-example gradients
+``g_i = ∇_θ CE(f_θ(x_i), y_i)`` (``jax.vmap(jax.grad(...))``):
+
+    ḡ_i = g_i / max(1, ‖g_i‖₂ / C)                      (clip; ‖·‖₂ over all parameters)
+    g̃   = (Σ_{i∈B} ḡ_i + N(0, σ² C² I)) / b             (noise_multiplier σ, clip_norm C)
+    θ   ← SGD-with-momentum(θ, g̃)
+
+for ``epochs`` passes over shuffled fixed-size batches.  :func:`privatize_gradients` is the
+middle line as a pure function.
+
+The model runs through the caller's inference ``apply_fn``: BatchNorm uses (and keeps) the
+running statistics in ``variables`` and dropout is off.  This is necessary, not only
+convenient: with batch statistics an example's output depends on the other examples of the
+batch, so per-example gradients (and the per-example sensitivity DP needs) are not defined.
+Only ``variables["params"]`` is trained; every other collection passes through unchanged.
+
+Simplifications: no privacy accounting (the (ε, δ) guarantee of a run is not computed) and
+shuffled fixed-size batches instead of Poisson sampling.  Du et al. sweep the noise scale
+rather than fix one setting; the defaults here (C = 1, σ = 1, SGD lr 0.05 with momentum 0.9,
+batch 128, 10 epochs) are conventional DP-SGD values, not the paper's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DPConfig:
+  """Attributes:
+    epochs: passes over the training set.
+    batch_size: examples per step (the last partial batch of each epoch is dropped).
+    learning_rate, momentum: of SGD on the privatized gradient.
+    clip_norm: C, the bound on every per-example gradient's L2 norm (over all parameters).
+    noise_multiplier: σ; the Gaussian noise added to the sum of clipped gradients has
+      standard deviation ``σ·C`` (0: clipping only, no privacy).
+    callback: ``callback(epoch, stats, variables)`` after every epoch.
+  """
+
+  epochs: int = 10
+  batch_size: int = 128
+  learning_rate: float = 0.05
+  momentum: float = 0.9
+  clip_norm: float = 1.0
+  noise_multiplier: float = 1.0
+  callback: Optional[Callable[[int, dict, PyTree], Any]] = dataclasses.field(
+      default=None, compare=False)
+
+  def __post_init__(self):
+    for name in ("epochs", "batch_size"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"DPConfig.{name} must be a positive integer, got {v!r}")
+    for name, positive in (("learning_rate", False), ("clip_norm", True),
+                           ("noise_multiplier", False)):
+      v = getattr(self, name)
+      if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+          or v < 0 or (positive and v == 0)):
+        raise ValueError(f"DPConfig.{name} must be a finite number "
+                         f"{'> 0' if positive else '>= 0'}, got {v!r}")
+    if not (isinstance(self.momentum, numbers.Real) and 0 <= self.momentum < 1):
+      raise ValueError(f"DPConfig.momentum must lie in [0, 1), got {self.momentum!r}")
+    if self.callback is not None and not callable(self.callback):
+      raise ValueError("DPConfig.callback must be callable or None")
+
+  def replace(self, **changes) -> "DPConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def clip_per_example(per_example_grads: PyTree, clip_norm: float
+                     ) -> tuple[PyTree, jax.Array]:
+  """``(ḡ, norms)``: every per-example gradient (leading axis of every leaf) scaled to
+  ``ḡ_i = g_i / max(1, ‖g_i‖₂ / C)`` (those with ``‖g_i‖₂ ≤ C`` unchanged), and the norms
+  ``‖g_i‖₂`` over all leaves before clipping, shape ``(b,)``."""
+  leaves = jax.tree_util.tree_leaves(per_example_grads)
+  sq = sum(jnp.sum(jnp.square(l.reshape(l.shape[0], -1)), axis=1) for l in leaves)
+  norms = jnp.sqrt(sq)
+  divisor = jnp.maximum(1.0, norms / clip_norm)
+
+  def scale(g):
+    return g / divisor.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+
+  return jax.tree_util.tree_map(scale, per_example_grads), norms
+
+
+def privatize_gradients(per_example_grads: PyTree, clip_norm: float, noise_multiplier: float,
+                        key: jax.Array) -> tuple[PyTree, jax.Array]:
+  """The DP-SGD gradient ``g̃ = (Σ_i ḡ_i + N(0, σ²C²I)) / b`` (see the module docstring).
+
+  Args:
+    per_example_grads: a pytree whose leaves have a leading batch axis of size ``b``.
+    clip_norm: C.
+    noise_multiplier: σ.
+    key: PRNG key of the noise (one independent draw per leaf).
+
+  Returns:
+    ``(g̃, norms)``: the noisy mean gradient (the tree without the batch axis) and the
+    per-example norms ``‖g_i‖₂`` before clipping, shape ``(b,)``.
+  """
+  clipped, norms = clip_per_example(per_example_grads, clip_norm)
+  leaves, treedef = jax.tree_util.tree_flatten(clipped)
+  b = leaves[0].shape[0]
+  keys = jax.random.split(key, len(leaves))
+  noisy = [(jnp.sum(l, axis=0)
+            + noise_multiplier * clip_norm * jax.random.normal(k, l.shape[1:], l.dtype)) / b
+           for l, k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(treedef, noisy), norms
+
+
+def _tx(config: DPConfig) -> optax.GradientTransformation:
+  return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _epoch(config: DPConfig, apply_fn, params, opt_state, rest, images, labels, idx, keys):
+
+  def example_loss(p, x, y):
+    logits = apply_fn({"params": p, **rest}, x[None])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y[None])[0]
+
+  def step(carry, inputs):
+    params, opt_state = carry
+    i, key = inputs
+    losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(
+        params, images[i], labels[i])
+    grad, norms = privatize_gradients(grads, config.clip_norm, config.noise_multiplier, key)
+    updates, opt_state = _tx(config).update(grad, opt_state, params)
+    stats = dict(loss=jnp.mean(losses), grad_norm=jnp.mean(norms),
+                 clipped_fraction=jnp.mean(norms > config.clip_norm))
+    return (optax.apply_updates(params, updates), opt_state), stats
+
+  (params, opt_state), stats = jax.lax.scan(step, (params, opt_state), (idx, keys))
+  return params, opt_state, stats
+
+
+def dp_sgd(apply_fn, variables: PyTree, images, labels, config: DPConfig = DPConfig(), *,
+           key: jax.Array):
+  """Trains ``variables["params"]`` with DP-SGD on the TRAINING set ``(images, labels)``.
+
+  Args:
+    apply_fn: ``apply_fn(variables, images) -> logits`` in inference mode.
+    variables: the initial variables training starts from (not a trained backdoored model:
+      this defense replaces training on the possibly poisoned data).
+    images, labels: the (possibly poisoned) training set, float NHWC in [0, 1] and integer
+      labels.
+    config: :class:`DPConfig`.
+    key: PRNG key (batch order and the noise).
+
+  Returns:
+    :class:`~ibau_jax.defenses.DefenseResult`; ``history`` has one entry per epoch:
+    ``epoch``, mean (non-private) training ``loss``, mean per-example ``grad_norm`` before
+    clipping, ``clipped_fraction`` (of per-example gradients with norm above C) and
+    ``seconds``.
+  """
+  from ibau_jax.defenses import DefenseResult, check_inputs
+  check_inputs(apply_fn, variables, images, labels, config.batch_size)
+  images = jnp.asarray(images, jnp.float32)
+  labels = jnp.asarray(labels, jnp.int32)
+  params = variables["params"]
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  static = config.replace(callback=None)
+  opt_state = _tx(config).init(params)
+  n, bsz = images.shape[0], config.batch_size
+  steps = n // bsz
+  order_key, noise_key = jax.random.split(key)
+  history = []
+  for epoch in range(config.epochs):
+    start = time.perf_counter()
+    order = jax.random.permutation(jax.random.fold_in(order_key, epoch), n)
+    idx = order[:steps * bsz].reshape(steps, bsz)
+    keys = jax.vmap(lambda t: jax.random.fold_in(noise_key, t))(
+        jnp.arange(epoch * steps, (epoch + 1) * steps))
+    params, opt_state, stats = _epoch(static, apply_fn, params, opt_state, rest, images,
+                                      labels, idx, keys)
+    entry = dict(epoch=epoch, loss=float(jnp.mean(stats["loss"])),
+                 grad_norm=float(jnp.mean(stats["grad_norm"])),
+                 clipped_fraction=float(jnp.mean(stats["clipped_fraction"])),
+                 seconds=time.perf_counter() - start)
+    history.append(entry)
+    if config.callback is not None:
+      config.callback(epoch, dict(entry), {**variables, "params": params})
+  return DefenseResult(variables={**variables, "params": params}, history=history)

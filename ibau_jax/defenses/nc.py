@@ -1,0 +1,425 @@
+"""Neural Cleanse (Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in
+Neural Networks", IEEE S&P 2019): reverse-engineer a trigger per class, flag the classes whose
+trigger is abnormally small, and unlearn the flagged triggers.
+
+1. **Reverse engineering.**  For every class ``t`` a mask ``m_t = sigmoid(w_m)`` of shape
+   ``(H, W, 1)`` and a pattern ``p_t = sigmoid(w_p)`` of shape ``(H, W, C)`` stamp an image as
+
+       x' = (1 − m_t) ⊙ x + m_t ⊙ p_t,
+
+   and minimise over ``(w_m, w_p)``, on batches of the clean set,
+
+       CE(f(x'), t) + λ_t ‖m_t‖₁          (+ R(m_t, p_t), extra terms, see below)
+
+   with Adam (lr 0.1, betas (0.5, 0.9): the paper's code).  ``λ_t`` starts at
+   ``init_cost = 1e-3`` and follows the paper's cost schedule: after ``patience`` consecutive
+   steps whose attack success (fraction of the batch classified as ``t``) is at least
+   ``attack_threshold = 0.99``, ``λ_t ← 1.5 λ_t``; after ``patience`` consecutive steps below
+   it, ``λ_t ← λ_t / 1.5^1.5``.  The kept trigger is the one with the smallest ``‖m_t‖₁``
+   among the steps that reached the threshold (the final one if none did).  All classes are
+   optimised together: one ``jax.jit``-compiled ``lax.scan`` over steps of a program
+   ``vmap``-ed over ``t`` (every class sees the same batches).
+2. **Detection.**  With ``n_t = ‖m_t‖₁``, median ``μ̃`` and ``MAD = median_t |n_t − μ̃|``,
+   the anomaly index is ``a_t = |n_t − μ̃| / (1.4826 · MAD)``; class ``t`` is flagged when
+   ``n_t < μ̃`` and ``a_t > anomaly_threshold = 2``.
+3. **Mitigation by unlearning.**  If any class is flagged, ``variables["params"]`` are
+   fine-tuned for ``unlearn_epochs`` passes over the clean set on ``CE(f(x̃), y)`` where in
+   every batch the first ``round(unlearn_fraction · batch_size)`` images (20 % by default,
+   as in the paper) carry the reversed trigger of a flagged class (drawn uniformly per
+   image) but keep their TRUE label.  If none is flagged the caller's ``variables`` are
+   returned as they are (the same object).
+
+Hyper-parameters of the paper and its code (``bolunwang/backdoor``): Adam lr 0.1, betas
+(0.5, 0.9); init cost 1e-3; attack-success threshold 0.99; cost multiplier 1.5 up and
+``1.5 ** 1.5`` down; patience 5 epochs; anomaly threshold 2; unlearning with 20 % of the
+images stamped.  Where this implementation simplifies:
+
+* ``steps`` and ``patience`` count mini-batch steps, and the schedule reads the attack
+  success of each single batch (the code counts epochs of ~31 batches and averages);
+* ``λ`` starts at ``init_cost`` (the code starts at 0 and switches to ``init_cost`` once
+  the threshold is first reached) and there is no early stopping (a fixed number of steps
+  keeps the loop one compiled ``scan``);
+* masks and patterns live in sigmoid space on [0, 1] pixels (the code uses
+  ``tanh / 2 + 0.5`` on [0, 255] pixels), initialised uniformly at random in
+  [0.05, 0.95];
+* the unlearning optimiser and its epochs are ours (SGD with momentum, lr 0.01, 5 epochs by
+  default; the paper fine-tunes 1 epoch on 10 % of the training set).
+
+The model runs in inference mode throughout (the caller's ``apply_fn``); only
+``variables["params"]`` change during unlearning and every other collection passes
+through.  Step 1 is one compiled program and each unlearning epoch another (a ``lax.scan``
+over batches); calls with the same shapes, the same ``apply_fn`` object and the same
+step-1 (unlearning) settings reuse them.  :mod:`ibau_jax.defenses.tabor` reuses all of
+this with extra regularisers ``R``.
+
+History (a list of dicts, one per stage, each with ``stage`` and ``seconds``):
+
+* ``history[0]``, ``stage="reverse_engineering"``: ``norms`` (``‖m_t‖₁`` per class),
+  ``anomaly_index`` (per class), ``flagged`` (sorted class indices), ``reached`` (whether
+  the trigger of each class reached ``attack_threshold`` on some batch), ``cost`` (final
+  ``λ_t``), ``masks`` (``np.ndarray`` ``(K, H, W, 1)``) and ``patterns`` (``(K, H, W, C)``),
+  the kept triggers of every class;
+* ``history[1]`` (only when a class was flagged), ``stage="unlearning"``: ``epoch_losses``
+  (mean loss per epoch) and ``trigger_classes`` (the flagged classes whose triggers were
+  stamped).
+
+The callback runs after every stage as ``callback(stage_index, stats, variables)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+# regulariser(config, logits_fn, mask, pattern, x, y, t) -> scalar, added to the per-class
+# objective; must be hashable (a module-level function), as it is a static jit argument.
+Regulariser = Callable[..., jax.Array]
+
+_MAD_CONSISTENCY = 1.4826
+
+
+def _is_int(v) -> bool:
+  return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+
+@dataclasses.dataclass(frozen=True)
+class NCConfig:
+  """Attributes:
+    steps: Adam steps of the trigger reverse engineering (one batch each; all classes at
+      once).
+    batch_size: images per batch, for reverse engineering and unlearning (the last partial
+      batch of an unlearning epoch is dropped).
+    learning_rate: Adam learning rate of the reverse engineering.
+    beta1, beta2: Adam's betas.
+    init_cost: initial weight ``λ`` of ``‖m‖₁``.
+    cost_multiplier: ``λ`` grows by this factor, and shrinks by its power 1.5.
+    attack_threshold: the attack success a trigger must reach on a batch, in (0, 1].
+    patience: consecutive steps above (below) the threshold before ``λ`` grows (shrinks).
+    anomaly_threshold: a class is flagged when its anomaly index exceeds this and its norm
+      is below the median.
+    unlearn_epochs: passes over the clean set of the unlearning (0: detection only).
+    unlearn_fraction: fraction of each unlearning batch stamped with a flagged trigger, in
+      [0, 1].
+    unlearn_optimizer: ``"sgd"`` (with ``unlearn_momentum``) or ``"adam"``.
+    unlearn_learning_rate: learning rate of the unlearning.
+    unlearn_momentum: SGD momentum of the unlearning (ignored by Adam).
+    callback: ``callback(stage_index, stats, variables)`` after every stage.
+  """
+
+  steps: int = 1000
+  batch_size: int = 128
+  learning_rate: float = 0.1
+  beta1: float = 0.5
+  beta2: float = 0.9
+  init_cost: float = 1e-3
+  cost_multiplier: float = 1.5
+  attack_threshold: float = 0.99
+  patience: int = 10
+  anomaly_threshold: float = 2.0
+  unlearn_epochs: int = 5
+  unlearn_fraction: float = 0.2
+  unlearn_optimizer: str = "sgd"
+  unlearn_learning_rate: float = 0.01
+  unlearn_momentum: float = 0.9
+  callback: Optional[Callable[[int, dict, PyTree], Any]] = dataclasses.field(
+      default=None, compare=False)
+
+  def __post_init__(self):
+    name = type(self).__name__
+    for field in ("steps", "batch_size", "patience"):
+      v = getattr(self, field)
+      if not _is_int(v) or v < 1:
+        raise ValueError(f"{name}.{field} must be a positive integer, got {v!r}")
+    if not _is_int(self.unlearn_epochs) or self.unlearn_epochs < 0:
+      raise ValueError(f"{name}.unlearn_epochs must be a non-negative integer, got "
+                       f"{self.unlearn_epochs!r}")
+    checks = [
+        ("learning_rate", self.learning_rate > 0, "> 0"),
+        ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+        ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+        ("init_cost", self.init_cost > 0, "> 0"),
+        ("cost_multiplier", self.cost_multiplier > 1, "> 1"),
+        ("attack_threshold", 0 < self.attack_threshold <= 1, "in (0, 1]"),
+        ("anomaly_threshold", self.anomaly_threshold > 0, "> 0"),
+        ("unlearn_fraction", 0 <= self.unlearn_fraction <= 1, "in [0, 1]"),
+        ("unlearn_learning_rate", self.unlearn_learning_rate >= 0, ">= 0"),
+        ("unlearn_momentum", 0 <= self.unlearn_momentum < 1, "in [0, 1)"),
+    ]
+    for field, ok, need in checks:
+      if not ok:  # also catches NaN
+        raise ValueError(f"{name}.{field} must be {need}, got {getattr(self, field)!r}")
+    if self.unlearn_optimizer not in ("sgd", "adam"):
+      raise ValueError(f"{name}.unlearn_optimizer must be 'sgd' or 'adam', got "
+                       f"{self.unlearn_optimizer!r}")
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------
+# Detection
+# ----------------------------------------------------------------------------------------
+
+
+def anomaly_index(norms) -> np.ndarray:
+  """``|n_t − median(n)| / (1.4826 · median_t |n_t − median(n)|)`` for a 1-D array of norms.
+
+  With a zero MAD the index is 0 for norms equal to the median and ``inf`` for the others.
+  """
+  norms = np.asarray(norms, np.float64)
+  if norms.ndim != 1 or norms.size == 0:
+    raise ValueError(f"norms must be a non-empty 1-D array, got shape {norms.shape}")
+  deviation = np.abs(norms - np.median(norms))
+  mad = _MAD_CONSISTENCY * np.median(deviation)
+  if mad == 0:
+    return np.where(deviation == 0, 0.0, np.inf)
+  return deviation / mad
+
+
+def flagged_classes(norms, threshold: float = 2.0) -> list[int]:
+  """Classes whose norm is below the median and whose anomaly index exceeds ``threshold``."""
+  norms = np.asarray(norms, np.float64)
+  index = anomaly_index(norms)
+  median = np.median(norms)
+  return [int(t) for t in np.flatnonzero((norms < median) & (index > threshold))]
+
+
+# ----------------------------------------------------------------------------------------
+# Reverse engineering
+# ----------------------------------------------------------------------------------------
+
+
+def stamp(images: jax.Array, mask: jax.Array, pattern: jax.Array) -> jax.Array:
+  """``(1 − m) ⊙ x + m ⊙ p`` (broadcasting; ``m`` is ``(..., H, W, 1)``)."""
+  return (1.0 - mask) * images + mask * pattern
+
+
+def _logits_fn(apply_fn, variables):
+  return lambda x: apply_fn(variables, x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _reverse(config: NCConfig, apply_fn, regulariser: Optional[Regulariser], num_classes: int,
+             variables, images, labels, key):
+  n, h, w, c = images.shape
+  bsz = config.batch_size
+  per_epoch = n // bsz
+  k_mask, k_pattern, k_data = jax.random.split(key, 3)
+  shape_m, shape_p = (num_classes, h, w, 1), (num_classes, h, w, c)
+  logit = lambda u: jnp.log(u) - jnp.log1p(-u)
+  weights = (logit(jax.random.uniform(k_mask, shape_m, minval=0.05, maxval=0.95)),
+             logit(jax.random.uniform(k_pattern, shape_p, minval=0.05, maxval=0.95)))
+  tx = optax.adam(config.learning_rate, b1=config.beta1, b2=config.beta2)
+  opt_state = jax.vmap(tx.init)(weights)
+  targets = jnp.arange(num_classes)
+  logits_fn = _logits_fn(apply_fn, variables)
+
+  def class_loss(wts, t, cost, x, y):
+    mask, pattern = jax.nn.sigmoid(wts[0]), jax.nn.sigmoid(wts[1])
+    logits = logits_fn(stamp(x, mask, pattern))
+    target = jnp.full((x.shape[0],), t)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+    norm = jnp.sum(mask)
+    loss = ce + cost * norm
+    if regulariser is not None:
+      loss = loss + regulariser(config, logits_fn, mask, pattern, x, y, t)
+    success = jnp.mean(jnp.argmax(logits, -1) == t)
+    return loss, (norm, success)
+
+  grad_fn = jax.vmap(jax.value_and_grad(class_loss, has_aux=True), in_axes=(0, 0, 0, None, None))
+  up_factor = config.cost_multiplier
+  down_factor = config.cost_multiplier ** 1.5
+
+  def step(carry, s):
+    wts, opt_state, cost, up, down, best = carry
+    perm = jax.random.permutation(jax.random.fold_in(k_data, s // per_epoch), n)
+    idx = jax.lax.dynamic_slice(perm, ((s % per_epoch) * bsz,), (bsz,))
+    (_, (norm, success)), grads = grad_fn(wts, targets, cost, images[idx], labels[idx])
+    # Keep the smallest successful trigger (the one just evaluated, before the update).
+    ok = success >= config.attack_threshold
+    better = ok & (norm < best["norm"])
+    pick = lambda new, old: jnp.where(better.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+    best = dict(norm=jnp.where(better, norm, best["norm"]), reached=best["reached"] | ok,
+                mask=pick(jax.nn.sigmoid(wts[0]), best["mask"]),
+                pattern=pick(jax.nn.sigmoid(wts[1]), best["pattern"]))
+    updates, opt_state = jax.vmap(tx.update)(grads, opt_state)
+    wts = optax.apply_updates(wts, updates)
+    # The paper's cost schedule.
+    up = jnp.where(ok, up + 1, 0)
+    down = jnp.where(ok, 0, down + 1)
+    raise_ = up >= config.patience
+    lower = ~raise_ & (down >= config.patience)
+    cost = jnp.where(raise_, cost * up_factor, jnp.where(lower, cost / down_factor, cost))
+    up = jnp.where(raise_, 0, up)
+    down = jnp.where(lower, 0, down)
+    return (wts, opt_state, cost, up, down, best), None
+
+  zeros = jnp.zeros((num_classes,), jnp.int32)
+  best = dict(norm=jnp.full((num_classes,), jnp.inf), reached=jnp.zeros((num_classes,), bool),
+              mask=jnp.zeros(shape_m), pattern=jnp.zeros(shape_p))
+  cost = jnp.full((num_classes,), config.init_cost, jnp.float32)
+  carry = (weights, opt_state, cost, zeros, zeros, best)
+  (wts, _, cost, _, _, best), _ = jax.lax.scan(step, carry, jnp.arange(config.steps))
+  reached = best["reached"]
+  as_nd = lambda r: r.reshape((-1, 1, 1, 1))
+  mask = jnp.where(as_nd(reached), best["mask"], jax.nn.sigmoid(wts[0]))
+  pattern = jnp.where(as_nd(reached), best["pattern"], jax.nn.sigmoid(wts[1]))
+  return dict(masks=mask, patterns=pattern, norms=jnp.sum(mask, axis=(1, 2, 3)),
+              reached=reached, cost=cost)
+
+
+_DETECTION_AND_UNLEARNING = ("anomaly_threshold", "unlearn_epochs", "unlearn_fraction",
+                             "unlearn_optimizer", "unlearn_learning_rate", "unlearn_momentum",
+                             "callback")
+
+
+def _reverse_static(config: NCConfig) -> NCConfig:
+  """``config`` with the fields step 1 does not read at their defaults, so that calls which
+  differ only there share one compiled program."""
+  return config.replace(**{f: NCConfig.__dataclass_fields__[f].default
+                           for f in _DETECTION_AND_UNLEARNING})
+
+
+def _unlearn_static(config: NCConfig) -> NCConfig:
+  """The fields the unlearning reads, as a plain :class:`NCConfig` (shared by NC and TABOR)."""
+  return NCConfig(batch_size=config.batch_size, unlearn_fraction=config.unlearn_fraction,
+                  unlearn_optimizer=config.unlearn_optimizer,
+                  unlearn_learning_rate=config.unlearn_learning_rate,
+                  unlearn_momentum=config.unlearn_momentum)
+
+
+def _num_classes(apply_fn, variables, images) -> int:
+  out = jax.eval_shape(apply_fn, variables,
+                       jax.ShapeDtypeStruct((1,) + tuple(images.shape[1:]), jnp.float32))
+  return int(out.shape[1])
+
+
+def reverse_engineer(apply_fn, variables: PyTree, images, labels, config: NCConfig = NCConfig(),
+                     *, key: jax.Array, regulariser: Optional[Regulariser] = None) -> dict:
+  """Step 1 alone: the kept trigger of every class (inputs are not checked here).
+
+  Returns:
+    ``{"masks": (K, H, W, 1), "patterns": (K, H, W, C), "norms": (K,), "reached": (K,),
+    "cost": (K,)}`` as NumPy arrays (see the module docstring).
+  """
+  images = jnp.asarray(images, jnp.float32)
+  labels = jnp.asarray(labels, jnp.int32)
+  num_classes = _num_classes(apply_fn, variables, images)
+  out = _reverse(_reverse_static(config), apply_fn, regulariser, num_classes, variables,
+                 images, labels, key)
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Unlearning
+# ----------------------------------------------------------------------------------------
+
+
+def _unlearn_tx(config: NCConfig) -> optax.GradientTransformation:
+  if config.unlearn_optimizer == "adam":
+    return optax.adam(config.unlearn_learning_rate)
+  return optax.sgd(config.unlearn_learning_rate, momentum=config.unlearn_momentum or None)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _unlearn_epoch(config: NCConfig, apply_fn, params, opt_state, rest, images, labels, masks,
+                   patterns, key):
+  n, bsz = images.shape[0], config.batch_size
+  per_epoch = n // bsz
+  k_perm, k_pick = jax.random.split(key)
+  order = jax.random.permutation(k_perm, n)[:per_epoch * bsz].reshape(per_epoch, bsz)
+  stamped = (jnp.arange(bsz) < round(config.unlearn_fraction * bsz)).reshape(-1, 1, 1, 1)
+  tx = _unlearn_tx(config)
+
+  def body(carry, inputs):
+    params, opt_state = carry
+    idx, k = inputs
+    x, y = images[idx], labels[idx]
+    which = jax.random.randint(k, (bsz,), 0, masks.shape[0])
+    x = jnp.where(stamped, stamp(x, masks[which], patterns[which]), x)
+
+    def loss_fn(p):
+      logits = apply_fn({"params": p, **rest}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  (params, opt_state), losses = jax.lax.scan(
+      body, (params, opt_state), (order, jax.random.split(k_pick, per_epoch)))
+  return params, opt_state, jnp.mean(losses)
+
+
+# ----------------------------------------------------------------------------------------
+# The defense
+# ----------------------------------------------------------------------------------------
+
+
+def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *,
+                key: jax.Array, regulariser: Optional[Regulariser] = None):
+  """Neural Cleanse's three stages with an optional extra regulariser in step 1 (shared by
+  :func:`neural_cleanse` and :func:`ibau_jax.defenses.tabor.tabor`)."""
+  from ibau_jax.defenses import DefenseResult, check_inputs
+  check_inputs(apply_fn, variables, images, labels, config.batch_size)
+  images = jnp.asarray(images, jnp.float32)
+  labels = jnp.asarray(labels, jnp.int32)
+  k_reverse, k_unlearn = jax.random.split(key)
+  history = []
+
+  start = time.perf_counter()
+  rev = reverse_engineer(apply_fn, variables, images, labels, config, key=k_reverse,
+                         regulariser=regulariser)
+  flagged = flagged_classes(rev["norms"], config.anomaly_threshold)
+  entry = dict(stage="reverse_engineering", norms=rev["norms"].tolist(),
+               anomaly_index=anomaly_index(rev["norms"]).tolist(), flagged=flagged,
+               reached=rev["reached"].tolist(), cost=rev["cost"].tolist(),
+               masks=rev["masks"], patterns=rev["patterns"],
+               seconds=time.perf_counter() - start)
+  history.append(entry)
+  if config.callback is not None:
+    config.callback(0, dict(entry), variables)
+  if not flagged:
+    return DefenseResult(variables=variables, history=history)
+
+  start = time.perf_counter()
+  params = variables["params"]
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  static = _unlearn_static(config)
+  opt_state = _unlearn_tx(static).init(params)
+  masks = jnp.asarray(rev["masks"][flagged])
+  patterns = jnp.asarray(rev["patterns"][flagged])
+  losses = []
+  for epoch in range(config.unlearn_epochs):
+    params, opt_state, loss = _unlearn_epoch(static, apply_fn, params, opt_state, rest, images,
+                                             labels, masks, patterns,
+                                             jax.random.fold_in(k_unlearn, epoch))
+    losses.append(float(loss))
+  defended = {**variables, "params": params}
+  entry = dict(stage="unlearning", epoch_losses=losses, trigger_classes=flagged,
+               seconds=time.perf_counter() - start)
+  history.append(entry)
+  if config.callback is not None:
+    config.callback(1, dict(entry), defended)
+  return DefenseResult(variables=defended, history=history)
+
+
+def neural_cleanse(apply_fn, variables: PyTree, images, labels, config: NCConfig = NCConfig(),
+                   *, key: jax.Array):
+  """Neural Cleanse: reverse-engineers a trigger per class, flags abnormally small ones and
+  unlearns them (see the module docstring); returns
+  :class:`~ibau_jax.defenses.DefenseResult` (``variables`` unchanged, the same object, when
+  no class is flagged)."""
+  return run_defense(apply_fn, variables, images, labels, config, key=key)
+
+
+__all__ = ["NCConfig", "anomaly_index", "flagged_classes", "neural_cleanse", "reverse_engineer",
+           "run_defense", "stamp"]
