@@ -80,6 +80,9 @@ class ExperimentConfig:
     poison_ratio: fraction of the eligible training images that get the trigger.
     model: a registered model name; ``model_widths`` overrides small-VGG16's stage widths.
     model_widths: None or the three stage widths of ``small_vgg16``.
+    model_options: further keyword arguments of the model's constructor (lists become
+      tuples), e.g. ``{"dropout_rates": [0, 0, 0]}`` (the ``cpu`` preset's: training without
+      dropout; dropout is off at inference anyway, so the defenses see the same function).
     train_size: attacker's training images (CIFAR-10: the first ones; GTSRB: at most the
       training subset's size).
     clean_size: the defender's clean images.
@@ -101,6 +104,7 @@ class ExperimentConfig:
   poison_ratio: float = 0.1
   model: str = "small_vgg16"
   model_widths: Optional[tuple[int, ...]] = None
+  model_options: dict = dataclasses.field(default_factory=dict)
   train_size: int = 45000
   clean_size: int = 5000
   eval_size: Optional[int] = None
@@ -131,6 +135,13 @@ class ExperimentConfig:
     for name in ("train_size", "clean_size"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    if not isinstance(self.model_options, dict):
+      raise ValueError(f"model_options must be a dict, got {self.model_options!r}")
+    try:
+      _model(self)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"model {self.model!r} with model_widths={self.model_widths} and "
+                       f"model_options={self.model_options}: {e}") from None
     self.train_config()  # validates the nested fields
     self.ibau_config()
     self.defense_config("ft")
@@ -191,8 +202,8 @@ def preset(name: str, dataset: str) -> ExperimentConfig:
   * ``smoke``: a synthetic 32x32 data set (2,000 training images), a narrow small-VGG16
     (widths 8, 16, 32), 2 training epochs and 1 I-BAU round: about a minute on 2 CPU cores,
     for checking that everything runs.
-  * ``cpu``: the 2-core CPU budget: small-VGG16 trained with the CPU training preset
-    (:data:`ibau_jax.train.CPU_PRESET`), then the default I-BAU.
+  * ``cpu``: the 2-core CPU budget: small-VGG16 without dropout trained with the CPU
+    training preset (:data:`ibau_jax.train.CPU_PRESET`), then the default I-BAU.
   * ``paper``: the paper's training (:data:`ibau_jax.train.PAPER_PRESET`, 50 epochs;
     for accelerators), then the default I-BAU.
   """
@@ -211,9 +222,15 @@ def preset(name: str, dataset: str) -> ExperimentConfig:
                                     learning_rate=2e-3, weight_decay=0.0,
                                     augment=False).to_dict(),
         ibau=dict(rounds=1, batch_size=100))
-  base = train_lib.CPU_PRESET if name == "cpu" else train_lib.PAPER_PRESET
+  if name == "cpu":
+    # Dropout off for the short CPU training (see ibau_jax.train.CPU_PRESET).
+    return ExperimentConfig(dataset=dataset, preset=name, target=target, poison_ratio=0.1,
+                            train_size=train_size, clean_size=5000,
+                            model_options={"dropout_rates": [0.0, 0.0, 0.0]},
+                            train=train_lib.CPU_PRESET.to_dict())
   return ExperimentConfig(dataset=dataset, preset=name, target=target, poison_ratio=0.1,
-                          train_size=train_size, clean_size=5000, train=base.to_dict())
+                          train_size=train_size, clean_size=5000,
+                          train=train_lib.PAPER_PRESET.to_dict())
 
 
 # --------------------------------------------------------------------------------------
@@ -295,7 +312,9 @@ def make_attack(name: str, config: ExperimentConfig):
 
 def _model(config: ExperimentConfig):
   from ibau_jax.models import get_model
-  kwargs = {"widths": config.model_widths} if config.model_widths else {}
+  kwargs = {"widths": tuple(config.model_widths)} if config.model_widths else {}
+  kwargs.update({k: tuple(v) if isinstance(v, list) else v
+                 for k, v in config.model_options.items()})
   return get_model(config.model, DATASETS[config.dataset], **kwargs)
 
 
@@ -337,6 +356,7 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
   spec = dict(dataset=config.dataset, attack=attack_name, seed=seed, target=config.target,
               poison_ratio=config.poison_ratio, model=config.model,
               model_widths=config.model_widths, train_size=config.train_size,
+              **({"model_options": config.model_options} if config.model_options else {}),
               synthetic=config.synthetic, train=config.train)
   folder = model_dir / f"{attack_name}_seed{seed}_{_digest(spec)}"
   final = folder / "variables.msgpack"
@@ -462,20 +482,34 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
               delta=None if delta is None else delta.tolist())
 
 
+_DROP = object()
+
+
+def _plain(v: Any, budget: int = 64) -> Any:
+  """``v`` as JSON data (numbers, strings, lists, dicts), or ``_DROP`` when it is not
+  representable or holds more than ``budget`` numbers (reversed triggers, masks)."""
+  if v is None or isinstance(v, (bool, int, float, str)):
+    return v
+  if isinstance(v, (np.generic,)) or (hasattr(v, "shape") and np.ndim(v) == 0):
+    return np.asarray(v).item()
+  if hasattr(v, "shape"):
+    return np.asarray(v).tolist() if np.size(v) <= budget else _DROP
+  if isinstance(v, (list, tuple)):
+    items = [_plain(x, budget) for x in v]
+    if len(items) > budget or any(x is _DROP for x in items):
+      return _DROP
+    return items
+  if isinstance(v, dict):
+    out = {str(k): _plain(x, budget) for k, x in v.items()}
+    return {k: x for k, x in out.items() if x is not _DROP}
+  return _DROP
+
+
 def _jsonable(stats: dict) -> dict:
-  """The JSON-friendly part of a defense's per-step stats: numbers, strings and short
-  lists (large arrays such as reversed triggers are left out of the results)."""
-  out = {}
-  for k, v in stats.items():
-    if isinstance(v, (bool, int, float, str)) or v is None:
-      out[k] = v
-    elif isinstance(v, (np.floating, np.integer, np.bool_)):
-      out[k] = v.item()
-    elif np.ndim(v) == 0 and hasattr(v, "item"):
-      out[k] = np.asarray(v).item()
-    elif np.size(v) <= 64:
-      out[k] = np.asarray(v).tolist()
-  return out
+  """The JSON-friendly part of a defense's per-step stats: numbers, strings and small
+  arrays or lists (large arrays such as reversed triggers are left out of the results)."""
+  out = {k: _plain(v) for k, v in stats.items()}
+  return {k: v for k, v in out.items() if v is not _DROP}
 
 
 _APPLY_FNS: dict = {}

@@ -216,3 +216,31 @@ def test_comparison_table_cells_and_time_ratio():
       in markdown
   assert "| wanet | 0 | 80.0 / 99.0 | 75.0 / 4.0 / 20 | - |" in markdown
   assert "Median ratio of the fastest baseline's time to I-BAU's: 9.0 (over 2 rows)" in markdown
+
+
+# Every defense's smallest useful setting, for one end-to-end pass through the pipeline.
+_ALL_DEFENSES_TINY = [
+    "--set", "ft.epochs=1", "--set", "ft.batch_size=50",
+    "--set", "nc.steps=3", "--set", "nc.batch_size=50", "--set", "nc.unlearn_epochs=1",
+    "--set", "tabor.steps=3", "--set", "tabor.batch_size=50",
+    "--set", "fp.epochs=1", "--set", "fp.batch_size=50",
+    "--set", "nad.teacher_epochs=1", "--set", "nad.epochs=1", "--set", "nad.batch_size=50",
+    "--set", "anp.iterations=2", "--set", "anp.batch_size=50", "--set", "anp.log_every=1",
+    "--set", "dp.epochs=1", "--set", "dp.batch_size=50",
+    "--set", "deepinspect.inversion_steps=2", "--set", "deepinspect.generator_steps=2",
+    "--set", "deepinspect.batch_size=50", "--set", "deepinspect.patch_epochs=1",
+    "--set", "deepinspect.inversion_per_class=2", "--set", "deepinspect.statistic_samples=4"]
+
+
+def test_every_defense_runs_through_the_pipeline(tmp_path, capsys):
+  workdir = tmp_path / "w"
+  assert cifar10.main(TINY + _ALL_DEFENSES_TINY + ["--attack", "badnets", "--defense", "all",
+                                                   "--workdir", str(workdir)]) == 0
+  cells = json.loads((workdir / "results.json").read_text())["cells"]
+  assert [c["defense"] for c in cells] == pipeline.defense_names()
+  for c in cells:
+    assert 0.0 <= c["acc_after"] <= 1.0 and c["defense_seconds"] >= 0.0
+    if c["defense"] != "none":
+      assert c["rounds"], c["defense"]
+  # Before-numbers are the poisoned model's in every cell, DP-SGD's included.
+  assert len({(c["acc_before"], c["asr_before"]) for c in cells}) == 1
