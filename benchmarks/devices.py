@@ -37,7 +37,7 @@ variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float3
 x = rng.rand(clean, 32, 32, 3).astype(np.float32)
 y = (np.arange(clean) % 10).astype(np.int32)
 apply_fn = lambda v, im: model.apply(v, im, train=False)
-config = ibau_jax.IBAUConfig.official(rounds=2, batch_size=100)
+config = ibau_jax.IBAUConfig.official(rounds=2, batch_size={batch})
 r = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(0), mesh=mesh)
 round_s = r.history[1]["seconds"]
 tx = rng.rand(train_n, 32, 32, 3).astype(np.float32)
@@ -60,6 +60,9 @@ def main(argv=None) -> int:
   parser.add_argument("--devices", default="1,2,4,8")
   parser.add_argument("--clean-size", type=int, default=1000)
   parser.add_argument("--train-size", type=int, default=2560)
+  parser.add_argument("--batch-size", type=int, default=96,
+                      help="I-BAU batch size; must be divisible by every device count "
+                           "(96: 1, 2, 4, 8; training uses 128)")
   parser.add_argument("--real", action="store_true",
                       help="use the first N real devices instead of forced host devices")
   parser.add_argument("--out", default="runs/bench_devices.json")
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
                           f" --xla_force_host_platform_device_count={n}").strip()
       env["JAX_PLATFORMS"] = "cpu"
     code = _CHILD.format(n_dev=n, clean=args.clean_size, train_n=args.train_size,
-                         real=args.real)
+                         real=args.real, batch=args.batch_size)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, check=False)
     if proc.returncode != 0:
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
     print(f"{n} device(s): round {row['round_seconds']:.1f} s, epoch "
           f"{row['epoch_seconds']:.1f} s", flush=True)
   report = dict(benchmark="devices", forced_host_devices=not args.real,
+                batch_size=args.batch_size,
                 clean_size=args.clean_size, train_size=args.train_size, rows=rows,
                 cpu_count=os.cpu_count(), machine=platform.machine(),
                 note=("forced host devices share the same CPU cores: this measures the cost "

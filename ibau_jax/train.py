@@ -241,16 +241,17 @@ class TrainConfig:
 
 
 # Training presets for small-VGG16 on 32x32 images.
-#: The 2-core CPU budget (estimated 13 minutes on 45,000 CIFAR-10 images; the 4-epoch accuracy
-#: is not yet measured end to end, see docs/results.md): Adam at 2e-3 with a
-#: quarter-epoch warm-up and a linear decay to 0 over 4 epochs, batch 64, label smoothing 0.1,
-#: random flips only (no crop), no weight decay; use it with dropout off (the ``cpu``
-#: experiment preset builds small-VGG16 with ``dropout_rates=(0, 0, 0)``).  Why: measured
-#: here, one annealed epoch reaches 44.9 % test accuracy with the paper's dropout and
+#: The 2-core CPU budget: Adam at 2e-3 with a quarter-epoch warm-up and a linear decay to 0
+#: over 5 epochs, batch 64, label smoothing 0.1, random flips only (no crop), no weight decay;
+#: use it with dropout off (the ``cpu`` experiment preset builds small-VGG16 with
+#: ``dropout_rates=(0, 0, 0)``).  Measured on 45,000 CIFAR-10 images (2-core CPU; runtimes
+#: and accuracies in docs/results.md): the same schedule over 4 epochs reached 77.4 % on the
+#: 10,000 test images, short of the 78 % the attack experiments need, hence 5.  Why these
+#: choices: one annealed epoch reaches 44.9 % test accuracy with the paper's dropout and
 #: crop + flip, 62.0 % without dropout, 65.4 % without dropout and augmentation, and 58.9 %
 #: with SGD (Nesterov, lr 0.05) instead of Adam; batch 64 costs 4.2 ms per image against
 #: 4.9 ms at batch 128 and 6.6 ms at 256 (XLA:CPU, cache effects).
-CPU_PRESET = TrainConfig(epochs=4, batch_size=64, optimizer="adam", learning_rate=2e-3,
+CPU_PRESET = TrainConfig(epochs=5, batch_size=64, optimizer="adam", learning_rate=2e-3,
                          momentum=0.9, schedule="linear", warmup_epochs=0.25,
                          weight_decay=0.0, label_smoothing=0.1, augment=True,
                          crop_padding=0, flip=True)
