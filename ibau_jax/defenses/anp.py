@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -56,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ibau_jax.defenses import _checks
 from ibau_jax.defenses import layers as layer_lib
 
 PyTree = Any
@@ -107,27 +107,14 @@ class ANPConfig:
       default=None, compare=False)
 
   def __post_init__(self):
-    for name in ("iterations", "batch_size", "anp_steps", "log_every"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"ANPConfig.{name} must be a positive integer, got {v!r}")
-    v = self.prune_number
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-      raise ValueError(f"ANPConfig.prune_number must be a non-negative integer, got {v!r}")
-    if not (isinstance(self.eps, numbers.Real) and math.isfinite(self.eps) and self.eps >= 0):
-      raise ValueError(f"ANPConfig.eps must be a finite number >= 0, got {self.eps!r}")
-    if not 0 <= self.alpha <= 1:
-      raise ValueError(f"ANPConfig.alpha must lie in [0, 1], got {self.alpha!r}")
-    if not self.learning_rate >= 0 or not 0 <= self.momentum < 1:
-      raise ValueError(f"ANPConfig: need learning_rate >= 0 and 0 <= momentum < 1, got "
-                       f"learning_rate={self.learning_rate!r}, momentum={self.momentum!r}")
+    _checks.integers("ANPConfig", self, ("iterations", "batch_size", "anp_steps", "log_every"))
+    _checks.integers("ANPConfig", self, ("prune_number",), minimum=0)
+    _checks.reals("ANPConfig", self, ("eps",), minimum=0)
+    _checks.reals("ANPConfig", self, ("alpha",), 0, 1, strict=False)
+    _checks.sgd("ANPConfig", self, weight_decay=None, strict=False)
     if self.prune_by not in _PRUNE_BY:
       raise ValueError(f"ANPConfig.prune_by must be one of {_PRUNE_BY}, got {self.prune_by!r}")
-    if not 0 <= self.threshold <= 1:
-      raise ValueError(f"ANPConfig.threshold must lie in [0, 1], got {self.threshold!r}")
-    if not 0 <= self.prune_fraction <= 1:
-      raise ValueError(f"ANPConfig.prune_fraction must lie in [0, 1], got "
-                       f"{self.prune_fraction!r}")
+    _checks.reals("ANPConfig", self, ("threshold", "prune_fraction"), 0, 1, strict=False)
     if self.layers is not None:
       if isinstance(self.layers, str):
         raise ValueError(f"ANPConfig.layers must be a sequence of layer names, not a string "
@@ -139,8 +126,7 @@ class ANPConfig:
       if len(set(names)) != len(names):
         raise ValueError(f"ANPConfig.layers has repeated names: {names}")
       object.__setattr__(self, "layers", names)  # hashable, for jax.jit
-    if self.callback is not None and not callable(self.callback):
-      raise ValueError("ANPConfig.callback must be callable or None")
+    _checks.optional_callable("ANPConfig", self)
 
   def replace(self, **changes) -> "ANPConfig":
     return dataclasses.replace(self, **changes)

@@ -69,6 +69,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ibau_jax.defenses import _checks
+
 PyTree = Any
 
 #: Consistency constant of the MAD for normally distributed data.
@@ -141,31 +143,15 @@ class DeepInspectConfig:
       default=None, compare=False)
 
   def __post_init__(self):
-    positive = ("batch_size", "inversion_per_class", "inversion_steps", "noise_dim",
-                "generator_hidden", "generator_steps", "statistic_samples", "patch_epochs")
-    for name in positive:
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"DeepInspectConfig.{name} must be a positive integer, got {v!r}")
-    reals = ("inversion_lr", "tv_weight", "l2_weight", "generator_lr", "magnitude_weight",
-             "patch_lr", "patch_weight_decay", "perturbation_scale", "threshold",
-             "patch_momentum", "patch_fraction")
-    for name in reals:
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v):
-        raise ValueError(f"DeepInspectConfig.{name} must be a finite number, got {v!r}")
-    for name in reals[:7]:
-      if getattr(self, name) < 0:
-        raise ValueError(f"DeepInspectConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-    for name in ("perturbation_scale", "threshold"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"DeepInspectConfig.{name} must be > 0, got {getattr(self, name)!r}")
-    if not 0 <= self.patch_momentum < 1:
-      raise ValueError(f"DeepInspectConfig.patch_momentum must lie in [0, 1), got "
-                       f"{self.patch_momentum!r}")
-    if not 0 < self.patch_fraction <= 1:
-      raise ValueError(f"DeepInspectConfig.patch_fraction must lie in (0, 1], got "
-                       f"{self.patch_fraction!r}")
+    name = "DeepInspectConfig"
+    _checks.integers(name, self, ("batch_size", "inversion_per_class", "inversion_steps",
+                                  "noise_dim", "generator_hidden", "generator_steps",
+                                  "statistic_samples", "patch_epochs"))
+    _checks.reals(name, self, ("inversion_lr", "tv_weight", "l2_weight", "generator_lr",
+                               "magnitude_weight"), minimum=0)
+    _checks.sgd(name, self, "patch_lr", "patch_momentum", "patch_weight_decay")
+    _checks.reals(name, self, ("perturbation_scale", "threshold"), minimum=0, min_open=True)
+    _checks.reals(name, self, ("patch_fraction",), 0, 1, min_open=True)
     for name in ("use_clean_set_for_generation", "use_clean_set_for_patching"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DeepInspectConfig.{name} must be a bool, got "
@@ -173,9 +159,7 @@ class DeepInspectConfig:
     if self.loop not in ("auto", "scan", "python"):
       raise ValueError(f"DeepInspectConfig.loop must be 'auto', 'scan' or 'python', got "
                        f"{self.loop!r}")
-    if self.callback is not None and not callable(self.callback):
-      raise ValueError(f"DeepInspectConfig.callback must be callable or None, got "
-                       f"{self.callback!r}")
+    _checks.optional_callable("DeepInspectConfig", self)
 
   def replace(self, **changes) -> "DeepInspectConfig":
     return dataclasses.replace(self, **changes)

@@ -34,15 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import numbers
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from ibau_jax.defenses import _checks
 
 PyTree = Any
 
@@ -69,21 +68,11 @@ class DPConfig:
       default=None, compare=False)
 
   def __post_init__(self):
-    for name in ("epochs", "batch_size"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"DPConfig.{name} must be a positive integer, got {v!r}")
-    for name, positive in (("learning_rate", False), ("clip_norm", True),
-                           ("noise_multiplier", False)):
-      v = getattr(self, name)
-      if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
-          or v < 0 or (positive and v == 0)):
-        raise ValueError(f"DPConfig.{name} must be a finite number "
-                         f"{'> 0' if positive else '>= 0'}, got {v!r}")
-    if not (isinstance(self.momentum, numbers.Real) and 0 <= self.momentum < 1):
-      raise ValueError(f"DPConfig.momentum must lie in [0, 1), got {self.momentum!r}")
-    if self.callback is not None and not callable(self.callback):
-      raise ValueError("DPConfig.callback must be callable or None")
+    _checks.integers("DPConfig", self, ("epochs", "batch_size"))
+    _checks.sgd("DPConfig", self, weight_decay=None)
+    _checks.reals("DPConfig", self, ("clip_norm",), minimum=0, min_open=True)
+    _checks.reals("DPConfig", self, ("noise_multiplier",), minimum=0)
+    _checks.optional_callable("DPConfig", self)
 
   def replace(self, **changes) -> "DPConfig":
     return dataclasses.replace(self, **changes)

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ibau_jax.defenses import _checks
 from ibau_jax.defenses import layers as layers_lib
 from ibau_jax.defenses.ft import FTConfig, _tx
 
@@ -72,22 +73,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 #: Module classes whose output channels Fine-Pruning can zero through their parameters.
 PRUNABLE_KINDS = ("BatchNorm", "Conv", "Dense")
-
-
-def _check_positive_int(cls: str, name: str, v, minimum: int = 1) -> None:
-  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-    raise ValueError(f"{cls}.{name} must be {what}, got {v!r}")
-
-
-def _check_sgd(cls: str, learning_rate, momentum, weight_decay, prefix: str = "") -> None:
-  for name, v, ok in ((f"{prefix}learning_rate", learning_rate, lambda v: v >= 0),
-                      ("momentum", momentum, lambda v: 0 <= v < 1),
-                      ("weight_decay", weight_decay, lambda v: v >= 0)):
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
-        or not math.isfinite(v) or not ok(v):
-      need = "in [0, 1)" if name == "momentum" else ">= 0"
-      raise ValueError(f"{cls}.{name} must be a finite number {need}, got {v!r}")
 
 
 def _check_activation(cls: str, v) -> None:
@@ -141,15 +126,11 @@ class FPConfig:
     if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
       raise ValueError(f"FPConfig.layer must be None or a layer name, got {self.layer!r}")
     _check_activation("FPConfig", self.activation)
-    for name in ("prune_ratio", "max_acc_drop"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
-          or not 0 <= v <= 1:
-        raise ValueError(f"FPConfig.{name} must be a number in [0, 1], got {v!r}")
-    _check_positive_int("FPConfig", "prune_step", self.prune_step)
-    _check_positive_int("FPConfig", "epochs", self.epochs, minimum=0)
-    _check_positive_int("FPConfig", "batch_size", self.batch_size)
-    _check_sgd("FPConfig", self.learning_rate, self.momentum, self.weight_decay)
+    _checks.reals("FPConfig", self, ("prune_ratio", "max_acc_drop"), 0, 1)
+    _checks.integers("FPConfig", self, ("prune_step",))
+    _checks.integers("FPConfig", self, ("epochs",), minimum=0)
+    _checks.integers("FPConfig", self, ("batch_size",))
+    _checks.sgd("FPConfig", self)
 
   def replace(self, **changes) -> "FPConfig":
     return dataclasses.replace(self, **changes)

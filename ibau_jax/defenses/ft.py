@@ -16,8 +16,9 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from ibau_jax.defenses import _checks
 
 PyTree = Any
 
@@ -40,13 +41,8 @@ class FTConfig:
       default=None, compare=False)
 
   def __post_init__(self):
-    for name in ("epochs", "batch_size"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"FTConfig.{name} must be a positive integer, got {v!r}")
-    if not self.learning_rate >= 0 or not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
-      raise ValueError(f"FTConfig: need learning_rate >= 0, 0 <= momentum < 1 and "
-                       f"weight_decay >= 0, got {self}")
+    _checks.integers("FTConfig", self, ("epochs", "batch_size"))
+    _checks.sgd("FTConfig", self, strict=False)
 
   def replace(self, **changes) -> "FTConfig":
     return dataclasses.replace(self, **changes)

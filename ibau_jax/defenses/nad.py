@@ -47,18 +47,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from ibau_jax.defenses import _checks
 from ibau_jax.defenses import layers as layers_lib
-from ibau_jax.defenses.fp import (ACTIVATIONS, _check_activation, _check_positive_int,
-                                  _check_sgd, check_layer_names, layer_kinds)
+from ibau_jax.defenses.fp import ACTIVATIONS, _check_activation, check_layer_names, layer_kinds
 from ibau_jax.defenses.ft import FTConfig, _tx, fine_tune
 
 PyTree = Any
@@ -95,11 +93,6 @@ def default_attention_layers(apply_fn, variables: PyTree, images) -> tuple[str, 
       if name not in out:
         out.append(name)
   return tuple(out)
-
-
-def _is_number(v) -> bool:
-  return (not isinstance(v, bool) and isinstance(v, (int, float, np.floating, np.integer))
-          and math.isfinite(v))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,26 +142,23 @@ class NADConfig:
       if len(set(self.layers)) != len(self.layers):
         raise ValueError(f"NADConfig.layers has duplicates: {self.layers!r}")
       object.__setattr__(self, "layers", tuple(self.layers))
-    if _is_number(self.betas):
+    if _checks.is_real(self.betas):
       if self.betas < 0:
         raise ValueError(f"NADConfig.betas must be >= 0, got {self.betas!r}")
     else:
       if isinstance(self.betas, str) or not isinstance(self.betas, Sequence) \
-          or not self.betas or not all(_is_number(b) and b >= 0 for b in self.betas):
+          or not self.betas or not all(_checks.is_real(b) and b >= 0 for b in self.betas):
         raise ValueError(f"NADConfig.betas must be a finite number >= 0 or a non-empty "
                          f"sequence of them, got {self.betas!r}")
       if self.layers is not None and len(self.betas) != len(self.layers):
         raise ValueError(f"NADConfig.betas has {len(self.betas)} values for "
                          f"{len(self.layers)} layers {self.layers!r}")
       object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-    if not _is_number(self.p) or self.p < 1:
-      raise ValueError(f"NADConfig.p must be a finite number >= 1, got {self.p!r}")
+    _checks.reals("NADConfig", self, ("p",), minimum=1)
     _check_activation("NADConfig", self.activation)
-    for name in ("teacher_epochs", "epochs", "batch_size"):
-      _check_positive_int("NADConfig", name, getattr(self, name))
-    _check_sgd("NADConfig", self.teacher_learning_rate, self.momentum, self.weight_decay,
-               prefix="teacher_")
-    _check_sgd("NADConfig", self.learning_rate, self.momentum, self.weight_decay)
+    _checks.integers("NADConfig", self, ("teacher_epochs", "epochs", "batch_size"))
+    _checks.sgd("NADConfig", self, learning_rate="teacher_learning_rate")
+    _checks.sgd("NADConfig", self)
 
   def replace(self, **changes) -> "NADConfig":
     return dataclasses.replace(self, **changes)

@@ -78,16 +78,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ibau_jax.defenses import _checks
+
 PyTree = Any
 # regulariser(config, logits_fn, mask, pattern, x, y, t) -> scalar, added to the per-class
 # objective; must be hashable (a module-level function), as it is a static jit argument.
 Regulariser = Callable[..., jax.Array]
 
 _MAD_CONSISTENCY = 1.4826
-
-
-def _is_int(v) -> bool:
-  return not isinstance(v, bool) and isinstance(v, (int, np.integer))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,28 +132,17 @@ class NCConfig:
 
   def __post_init__(self):
     name = type(self).__name__
-    for field in ("steps", "batch_size", "patience"):
-      v = getattr(self, field)
-      if not _is_int(v) or v < 1:
-        raise ValueError(f"{name}.{field} must be a positive integer, got {v!r}")
-    if not _is_int(self.unlearn_epochs) or self.unlearn_epochs < 0:
-      raise ValueError(f"{name}.unlearn_epochs must be a non-negative integer, got "
-                       f"{self.unlearn_epochs!r}")
-    checks = [
-        ("learning_rate", self.learning_rate > 0, "> 0"),
-        ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
-        ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
-        ("init_cost", self.init_cost > 0, "> 0"),
-        ("cost_multiplier", self.cost_multiplier > 1, "> 1"),
-        ("attack_threshold", 0 < self.attack_threshold <= 1, "in (0, 1]"),
-        ("anomaly_threshold", self.anomaly_threshold > 0, "> 0"),
-        ("unlearn_fraction", 0 <= self.unlearn_fraction <= 1, "in [0, 1]"),
-        ("unlearn_learning_rate", self.unlearn_learning_rate >= 0, ">= 0"),
-        ("unlearn_momentum", 0 <= self.unlearn_momentum < 1, "in [0, 1)"),
-    ]
-    for field, ok, need in checks:
-      if not ok:  # also catches NaN
-        raise ValueError(f"{name}.{field} must be {need}, got {getattr(self, field)!r}")
+    _checks.integers(name, self, ("steps", "batch_size", "patience"))
+    _checks.integers(name, self, ("unlearn_epochs",), minimum=0)
+    # Loose checks (bounds only; NaN fails, infinities pass where the bounds allow).
+    _checks.reals(name, self, ("learning_rate",), minimum=0, min_open=True, strict=False)
+    _checks.reals(name, self, ("beta1", "beta2"), 0, 1, max_open=True, strict=False)
+    _checks.reals(name, self, ("init_cost",), minimum=0, min_open=True, strict=False)
+    _checks.reals(name, self, ("cost_multiplier",), minimum=1, min_open=True, strict=False)
+    _checks.reals(name, self, ("attack_threshold",), 0, 1, min_open=True, strict=False)
+    _checks.reals(name, self, ("anomaly_threshold",), minimum=0, min_open=True, strict=False)
+    _checks.reals(name, self, ("unlearn_fraction",), 0, 1, strict=False)
+    _checks.sgd(name, self, "unlearn_learning_rate", "unlearn_momentum", None, strict=False)
     if self.unlearn_optimizer not in ("sgd", "adam"):
       raise ValueError(f"{name}.unlearn_optimizer must be 'sgd' or 'adam', got "
                        f"{self.unlearn_optimizer!r}")

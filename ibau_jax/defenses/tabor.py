@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ibau_jax.defenses import nc
+from ibau_jax.defenses import _checks, nc
 
 PyTree = nc.PyTree
 
@@ -73,11 +73,10 @@ class TABORConfig(nc.NCConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    for field in ("mask_norm_weight", "pattern_l1_weight", "pattern_l2_weight",
-                  "mask_tv_weight", "pattern_tv_weight", "r3_weight", "r4_weight"):
-      v = getattr(self, field)
-      if not v >= 0:
-        raise ValueError(f"TABORConfig.{field} must be >= 0, got {v!r}")
+    _checks.reals("TABORConfig", self, ("mask_norm_weight", "pattern_l1_weight",
+                                        "pattern_l2_weight", "mask_tv_weight",
+                                        "pattern_tv_weight", "r3_weight", "r4_weight"),
+                  minimum=0, strict=False)
 
 
 def _smoothness(z: jax.Array) -> jax.Array:
