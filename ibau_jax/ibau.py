@@ -500,8 +500,14 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
   until the round's statistics are read.
   """
   k_perm, k_mask = jax.random.split(key)
-  xb, yb = _batches_jit(config, images, labels, k_perm, sharding)
-  batches = [_take_jit(xb, yb, b, sharding) for b in range(xb.shape[0])]
+  # XLA:CPU runs the per-device parts of a multi-device program on a small host thread pool;
+  # with several such programs in flight the two halves of one all-reduce can wait behind
+  # each other for ever (seen with 2 forced host devices on 2 cores).  There, every step
+  # waits for the previous one to finish.
+  sync = (jax.block_until_ready if sharding is not None and jax.default_backend() == "cpu"
+          else (lambda tree: tree))
+  xb, yb = sync(_batches_jit(config, images, labels, k_perm, sharding))
+  batches = sync([_take_jit(xb, yb, b, sharding) for b in range(xb.shape[0])])
   deltas, scores, all_losses = [], [], []
   for c in _candidate_configs(config):
     delta = jnp.zeros(images.shape[1:], images.dtype)
@@ -509,13 +515,14 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
     inner_losses = []
     for _ in range(config.inner_epochs):
       for x, y in batches:
-        delta, state, loss = _inner_step_jit(c, apply_fn, params, rest, delta, state, x, y)
+        delta, state, loss = sync(_inner_step_jit(c, apply_fn, params, rest, delta, state,
+                                                  x, y))
         inner_losses.append(loss)
     delta = _project_jit(delta, config.norm_bound)
     deltas.append(delta)
     all_losses.append(inner_losses)
     if config.inner_candidates:
-      scores.append(sum(_inner_objective_jit(config, apply_fn, params, rest, delta, x, y)
+      scores.append(sum(sync(_inner_objective_jit(config, apply_fn, params, rest, delta, x, y))
                         for x, y in batches))
   inner_losses = all_losses[0]
   choice = 0
@@ -524,9 +531,9 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
   ok = jnp.asarray(True)
   outer_losses, residuals, finites = [], [], []
   for b, (x, y) in enumerate(batches):
-    params, opt_state, finite, loss, residual = _outer_step_jit(
+    params, opt_state, finite, loss, residual = sync(_outer_step_jit(
         config, apply_fn, params, opt_state, rest, delta, x, y, *batches[0],
-        jax.random.fold_in(k_mask, b), ok, round_index)
+        jax.random.fold_in(k_mask, b), ok, round_index))
     ok = ok & finite
     outer_losses.append(loss)
     residuals.append(residual)
