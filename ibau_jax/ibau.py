@@ -496,8 +496,9 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
 
   XLA:CPU runs convolution gradients inside while-loop bodies many times slower than the
   same program outside a loop (measured here: ~40x for a small-VGG16 gradient), so on CPU the
-  batches are looped over in Python.  Dispatch is asynchronous: nothing returns to the host
-  until the round's statistics are read.
+  batches are looped over in Python.  Dispatch is asynchronous (nothing returns to the host
+  until the round's statistics are read), except on CPU with a mesh, where each step waits
+  for the previous one (see ``sync`` below).
   """
   k_perm, k_mask = jax.random.split(key)
   # XLA:CPU runs the per-device parts of a multi-device program on a small host thread pool;
