@@ -83,6 +83,10 @@ class ExperimentConfig:
     model_options: further keyword arguments of the model's constructor (lists become
       tuples), e.g. ``{"dropout_rates": [0, 0, 0]}`` (the ``cpu`` preset's: training without
       dropout; dropout is off at inference anyway, so the defenses see the same function).
+    augment_triggered: False: the attacker's training does not augment the images that the
+      poisoning changed (triggered images and WaNet's noise-mode images), so that a random
+      flip does not turn a trigger into its mirror image, a second trigger the model must
+      also learn (True: every image is augmented, as in the attacks' papers).
     train_size: attacker's training images (CIFAR-10: the first ones; GTSRB: at most the
       training subset's size).
     clean_size: the defender's clean images.
@@ -105,6 +109,7 @@ class ExperimentConfig:
   model: str = "small_vgg16"
   model_widths: Optional[tuple[int, ...]] = None
   model_options: dict = dataclasses.field(default_factory=dict)
+  augment_triggered: bool = True
   train_size: int = 45000
   clean_size: int = 5000
   eval_size: Optional[int] = None
@@ -135,6 +140,9 @@ class ExperimentConfig:
     for name in ("train_size", "clean_size"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    if not isinstance(self.augment_triggered, bool):
+      raise ValueError(f"augment_triggered must be true or false, got "
+                       f"{self.augment_triggered!r}")
     if not isinstance(self.model_options, dict):
       raise ValueError(f"model_options must be a dict, got {self.model_options!r}")
     try:
@@ -361,6 +369,8 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
               poison_ratio=config.poison_ratio, model=config.model,
               model_widths=config.model_widths, train_size=config.train_size,
               **({"model_options": config.model_options} if config.model_options else {}),
+              **({"augment_triggered": False}
+                 if not config.augment_triggered and attack_name != "clean" else {}),
               synthetic=config.synthetic, train=config.train)
   folder = model_dir / f"{attack_name}_seed{seed}_{_digest(spec)}"
   final = folder / "variables.msgpack"
@@ -378,6 +388,10 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
   _, k_train = jax.random.split(key)
   start = time.perf_counter()
   x, y, mask = poisoned_training_set(config, attack_name, seed, splits)
+  augment_mask = None
+  if not config.augment_triggered and attack_name != "clean":
+    changed = np.any(x != splits.train_x, axis=(1, 2, 3))
+    augment_mask = ~changed
   bar = _bar(tconfig.epochs, f"train {attack_name} seed {seed}", progress)
 
   def callback(epoch, metrics):
@@ -385,7 +399,8 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
 
   variables, history = train_lib.fit(model, x, y, tconfig, key=k_train, callback=callback,
-                                     checkpoint_dir=folder / "checkpoints")
+                                     checkpoint_dir=folder / "checkpoints",
+                                     augment_mask=augment_mask)
   bar.close()
   seconds = time.perf_counter() - start
   info = dict(spec=spec, poisoned=int(mask.sum()), train_seconds=seconds, history=history)

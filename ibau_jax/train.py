@@ -371,19 +371,24 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def _train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array
+def _train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array,
+                augment_mask: Optional[jax.Array] = None
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on ``(1/B) Σ CE(f_θ(A(x_i)), y_i)``.
 
   The step's randomness is ``fold_in(key, step)``, split into the augmentation key and the
-  dropout key, so a fixed ``key`` gives a reproducible (and resumable) run.
+  dropout key, so a fixed ``key`` gives a reproducible (and resumable) run.  With a boolean
+  ``augment_mask`` of shape (B,), ``A`` is applied only where it is True (the other images
+  pass unchanged; the augmented ones get the same draws as without a mask).
   """
   config = state.config
   step_key = jax.random.fold_in(key, state.step)
   aug_key, dropout_key = jax.random.split(step_key)
   x = images.astype(jnp.float32)
   if config.augment:
-    x = augment(x, aug_key, crop_padding=config.crop_padding, flip=config.flip)
+    augmented = augment(x, aug_key, crop_padding=config.crop_padding, flip=config.flip)
+    x = augmented if augment_mask is None else jnp.where(
+        augment_mask[:, None, None, None], augmented, x)
 
   def loss_fn(params):
     variables = {"params": params}
@@ -404,7 +409,8 @@ def _train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: ja
 
 
 train_step = jax.jit(_train_step)
-"""Jitted :func:`_train_step`: ``train_step(state, images, labels, key) -> (state, metrics)``."""
+"""Jitted :func:`_train_step`: ``train_step(state, images, labels, key, augment_mask=None)
+-> (state, metrics)``."""
 
 
 @jax.jit
@@ -477,7 +483,8 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
         key: Optional[jax.Array] = None, eval_fn: Optional[EvalFn] = None,
         callback: Optional[EpochCallback] = None,
         checkpoint_dir: Optional[str | os.PathLike] = None,
-        mesh: Optional[Mesh] = None
+        mesh: Optional[Mesh] = None,
+        augment_mask: Any = None
         ) -> tuple[dict[str, PyTree], list[dict[str, float]]]:
   """Trains ``model`` on ``(images, labels)`` (see the module docstring for the objective).
 
@@ -505,6 +512,9 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
     checkpoint_dir: directory for per-epoch checkpoints and resumption.
     mesh: the devices, a :class:`jax.sharding.Mesh` whose first axis splits every batch;
       None: all visible devices.
+    augment_mask: None (augment every image, if ``config.augment``) or a boolean (N,)
+      array: only the images where it is True are augmented (e.g. an attacker who keeps
+      triggered images as they are, so that a flip does not make a second trigger).
 
   Returns:
     ``(variables, history)``: ``{"params", "batch_stats"?}`` and one dict per epoch trained
@@ -520,6 +530,11 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
     raise ValueError(f"labels must be integers of shape ({images.shape[0]},), "
                      f"got {labels.dtype} {labels.shape}")
   n = images.shape[0]
+  if augment_mask is not None:
+    augment_mask = np.asarray(augment_mask)
+    if augment_mask.shape != (n,) or augment_mask.dtype != np.bool_:
+      raise ValueError(f"augment_mask must be a boolean array of shape ({n},), got "
+                       f"{augment_mask.dtype} {augment_mask.shape}")
   steps_per_epoch = n // config.batch_size
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size={config.batch_size} exceeds the number of examples ({n})")
@@ -570,7 +585,11 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
       idx = order[i * config.batch_size:(i + 1) * config.batch_size]
       x = jax.device_put(images[idx], batch_sharded)
       y = jax.device_put(labels[idx].astype(np.int32), batch_sharded)
-      state, metrics = train_step(state, x, y, step_key)
+      if augment_mask is None:
+        state, metrics = train_step(state, x, y, step_key)
+      else:
+        state, metrics = train_step(state, x, y, step_key,
+                                    jax.device_put(augment_mask[idx], batch_sharded))
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     entry: dict[str, float] = {"epoch": epoch + 1}
     entry.update({k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()})

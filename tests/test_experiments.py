@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from experiments import attack_table
@@ -185,6 +186,37 @@ def test_attack_table_checks_and_shared_model_cache(tmp_path, capsys):
   assert checks == {"clean": (None, None), "badnets": (True, True), "blend": (True, False),
                     "sig": (False, True), "badnets_all_to_all": (True, True)}
   assert "| blend | 0 | 1 | 76.50 | 99.00 |" in markdown
+
+
+def test_augment_triggered_false_keeps_changed_images_unaugmented(tmp_path, monkeypatch):
+  from ibau_jax import train as train_lib
+  seen = []
+
+  def fake_fit(model, images, labels, config, **kw):
+    seen.append((images, kw.get("augment_mask")))
+    return model.init(kw["key"], images[:1], train=False), []
+
+  monkeypatch.setattr(train_lib, "fit", fake_fit)
+  base = pipeline.config_from_args("cifar10", _args(TINY))
+  off = pipeline.ExperimentConfig.from_dict({**base.to_dict(), "augment_triggered": False})
+  splits = pipeline.load_splits(base, None)
+  for config in (base, off):
+    for attack in ("wanet", "clean"):
+      pipeline.train_poisoned(config, attack, 0, splits, tmp_path, lambda s: None, False)
+  # The second clean model is the first one, reused from the cache: three trainings.
+  (x_on, mask_on), (_, clean_on), (x_off, mask_off) = seen
+  assert mask_on is None and clean_on is None
+  np.testing.assert_array_equal(x_on, x_off)
+  untouched = np.all(x_off == splits.train_x, axis=(1, 2, 3))
+  np.testing.assert_array_equal(mask_off, untouched)
+  # WaNet changes its 10 % poisoned images and twice as many noise-mode images.
+  n = len(splits.train_y)
+  assert (~mask_off).sum() == pytest.approx(0.3 * n, abs=0.02 * n)
+  # The poisoned model's cache key changes; the clean model's does not.
+  assert len([f for f in tmp_path.iterdir() if f.name.startswith("wanet")]) == 2
+  assert len([f for f in tmp_path.iterdir() if f.name.startswith("clean")]) == 1
+  with pytest.raises(ValueError, match="augment_triggered"):
+    pipeline.ExperimentConfig.from_dict({**base.to_dict(), "augment_triggered": "no"})
 
 
 def test_every_registered_defense_has_settings_from_the_command_line():

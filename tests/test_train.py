@@ -235,6 +235,27 @@ def test_fit_history_callback_and_eval_fn():
   assert all(np.isfinite(h["loss"]) for h in history)
 
 
+def test_augment_mask_selects_the_augmented_images():
+  # All True = no mask; all False = augment off; a mixed mask is neither (crop + flip on).
+  x, y = make_data(32)
+  config = base_config(epochs=1, batch_size=16, flip=True, crop_padding=2)
+  key = jax.random.PRNGKey(3)
+  plain, _ = train.fit(TinyNet(), x, y, config, key=key)
+  all_on, _ = train.fit(TinyNet(), x, y, config, key=key, augment_mask=np.ones(32, bool))
+  all_off, _ = train.fit(TinyNet(), x, y, config, key=key, augment_mask=np.zeros(32, bool))
+  off, _ = train.fit(TinyNet(), x, y, config.replace(augment=False), key=key)
+  mixed, _ = train.fit(TinyNet(), x, y, config, key=key,
+                       augment_mask=np.arange(32) % 2 == 0)
+  assert tree_allclose(plain, all_on, rtol=0, atol=0)
+  assert tree_allclose(all_off, off, rtol=1e-6, atol=1e-7)
+  assert not tree_allclose(plain, off, atol=1e-4)
+  assert not tree_allclose(mixed, plain, atol=1e-4)
+  assert not tree_allclose(mixed, off, atol=1e-4)
+  for bad in (np.ones(31, bool), np.ones(32, np.int32)):
+    with pytest.raises(ValueError, match="augment_mask"):
+      train.fit(TinyNet(), x, y, config, key=key, augment_mask=bad)
+
+
 def test_fit_bad_arguments():
   x, y = make_data(16)
   with pytest.raises(ValueError, match="exceeds"):
