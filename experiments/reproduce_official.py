@@ -76,6 +76,11 @@ def _config(name: str, overrides: dict) -> ibau_jax.IBAUConfig:
   return base.replace(**overrides)
 
 
+def _tuples(value):
+  """JSON lists as (nested) tuples, as the config's tuple fields want them."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _parse_overrides(items: list[str]) -> dict:
   fields = {f.name: f for f in dataclasses.fields(ibau_jax.IBAUConfig)}
   out = {}
@@ -84,8 +89,8 @@ def _parse_overrides(items: list[str]) -> dict:
     if not sep or key not in fields or key == "callback":
       raise SystemExit(f"--set expects FIELD=VALUE with FIELD one of "
                        f"{sorted(k for k in fields if k != 'callback')}; got {item!r}")
-    try:  # numbers, true/false, null; anything else is a string (e.g. solver=cg)
-      out[key] = json.loads(value)
+    try:  # numbers, true/false, null, lists; anything else is a string (e.g. solver=cg)
+      out[key] = _tuples(json.loads(value))
     except json.JSONDecodeError:
       out[key] = value
   return out
