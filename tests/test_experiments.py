@@ -219,6 +219,23 @@ def test_augment_triggered_false_keeps_changed_images_unaugmented(tmp_path, monk
     pipeline.ExperimentConfig.from_dict({**base.to_dict(), "augment_triggered": "no"})
 
 
+def test_clean_label_poisoning_counts_a_fraction_of_the_training_set():
+  config = pipeline.config_from_args("cifar10", _args(TINY + ["--set", "train_size=400"]))
+  splits = pipeline.load_splits(config, None)
+  y0 = splits.train_y
+  n, in_target = len(y0), int(np.sum(y0 == config.target))
+  x, y, mask = pipeline.poisoned_training_set(config, "sig", 0, splits)
+  assert mask.sum() == min(in_target, round(config.poison_ratio * n)) and mask.sum() > 0
+  assert np.all(y0[mask] == config.target) and np.array_equal(y, y0)
+  _, y, mask = pipeline.poisoned_training_set(config, "badnets", 0, splits)
+  assert mask.sum() == round(config.poison_ratio * (n - in_target))
+  assert np.all(y[mask] == config.target)
+  # More than the class holds: all of it.
+  big = pipeline.ExperimentConfig.from_dict({**config.to_dict(), "poison_ratio": 0.9})
+  _, _, mask = pipeline.poisoned_training_set(big, "sig", 0, splits)
+  assert mask.sum() == in_target
+
+
 def test_every_registered_defense_has_settings_from_the_command_line():
   config = pipeline.config_from_args("cifar10", _args(TINY + [
       "--defense", "nc,fp", "--set", "nc.steps=7", "--set", "fp.prune_ratio=0.5"]))
