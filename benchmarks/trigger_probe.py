@@ -11,7 +11,8 @@ For each official model and each L2 radius C, it solves I-BAU's inner problem on
 * ``pgd``: L2 projected gradient ascent, normalised steps of length C/5, projected every
   step (``inner_optimizer="normalized"``, ``inner_projection="step"``), ``--epochs`` passes;
 * ``paper``: the paper's pass (SGD lr 10 on the unconstrained objective, one projection on
-  the ball at the end).
+  the ball at the end);
+* ``paper+pgd``: ``pgd`` started from the ``paper`` solution instead of zero.
 
 and reports, on the evaluation images whose label is not the target: the fraction that
 ``x + δ`` sends to the target class (``to_target``), the most frequent predicted class and
@@ -50,12 +51,14 @@ def _predict(apply_fn, variables, images, batch=500):
                          for i in range(0, len(images), batch)])
 
 
-def solve(config: ibau_jax.IBAUConfig, apply_fn, variables, images, labels, epochs: int):
+def solve(config: ibau_jax.IBAUConfig, apply_fn, variables, images, labels, epochs: int,
+          start=None):
   """δ after ``epochs`` passes of ``config``'s inner solver (batches of
-  ``config.batch_size``, in order), projected on the ball at the end."""
+  ``config.batch_size``, in order) from ``start`` (default 0), projected on the ball at the
+  end."""
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
-  delta = jnp.zeros(images.shape[1:], jnp.float32)
+  delta = jnp.zeros(images.shape[1:], jnp.float32) if start is None else jnp.asarray(start)
   state = ibau_lib._inner_tx(config).init(delta)
   bsz = config.batch_size
   for _ in range(epochs):
@@ -72,6 +75,7 @@ def main(argv=None) -> int:
   parser.add_argument("--models", default=",".join(ro.MODELS))
   parser.add_argument("--bounds", default="1,2,3,5,10")
   parser.add_argument("--epochs", type=int, default=2, help="passes of the PGD solver")
+  parser.add_argument("--solvers", default="pgd,paper,paper+pgd")
   parser.add_argument("--out", default="runs/trigger_probe.json")
   args = parser.parse_args(argv)
   if not args.data_dir:
@@ -93,15 +97,22 @@ def main(argv=None) -> int:
     pseudo = _predict(model.apply, variables, clean_x)
     keep = eval_y != target
     for bound in bounds:
-      solvers = {
-          "pgd": (ibau_jax.IBAUConfig(norm_bound=bound, inner_optimizer="normalized",
-                                      inner_lr=bound / 5, inner_projection="step",
-                                      inner_candidates=()), args.epochs),
-          "paper": (ibau_jax.IBAUConfig.official(norm_bound=bound), 1),
-      }
-      for solver, (config, epochs) in solvers.items():
+      pgd = ibau_jax.IBAUConfig(norm_bound=bound, inner_optimizer="normalized",
+                                inner_lr=bound / 5, inner_projection="step",
+                                inner_candidates=())
+      paper = ibau_jax.IBAUConfig.official(norm_bound=bound)
+      for solver in args.solvers.split(","):
         start = time.perf_counter()
-        delta = np.asarray(solve(config, model.apply, variables, clean_x, pseudo, epochs))
+        if solver == "pgd":
+          delta = solve(pgd, model.apply, variables, clean_x, pseudo, args.epochs)
+        elif solver == "paper":
+          delta = solve(paper, model.apply, variables, clean_x, pseudo, 1)
+        elif solver == "paper+pgd":
+          delta = solve(pgd, model.apply, variables, clean_x, pseudo, args.epochs,
+                        start=solve(paper, model.apply, variables, clean_x, pseudo, 1))
+        else:
+          parser.error(f"unknown solver {solver!r}")
+        delta = np.asarray(delta)
         pred = _predict(model.apply, variables, eval_x[keep] + delta)
         counts = np.bincount(pred, minlength=classes)
         energy = (delta ** 2).sum(-1)

@@ -56,6 +56,13 @@ class NonFiniteHypergradientError(FloatingPointError):
   """The hypergradient became NaN or infinite; the caller's variables are untouched."""
 
 
+def _valid_solver(c) -> bool:
+  """``c`` is an ``(inner_optimizer, inner_lr, inner_projection)`` tuple."""
+  return (isinstance(c, tuple) and len(c) == 3 and c[0] in ("sgd", "adam", "normalized")
+          and not isinstance(c[1], bool) and isinstance(c[1], (int, float)) and c[1] > 0
+          and math.isfinite(c[1]) and c[2] in ("end", "step"))
+
+
 @dataclasses.dataclass(frozen=True)
 class IBAUConfig:
   """Every knob of :func:`unlearn`.  ``IBAUConfig()`` is the project's default;
@@ -85,6 +92,14 @@ class IBAUConfig:
       ``max_δ (1/n) Σ_i CE(f_θ(x_i + δ), ŷ_i) − λ‖δ‖²`` (ŷ as in the inner pass): restarts
       of the inner maximisation, keeping the strongest.  The index of the chosen solver
       (0: the main one) is ``inner_choice`` in the history.
+    inner_refine: None, or a solver ``(inner_optimizer, inner_lr, inner_projection)`` that
+      continues from the main solver's projected δ for ``inner_epochs`` more passes (a fresh
+      optimizer state); its projected result replaces the main solver's δ (candidate 0).
+      E.g. ``("normalized", 2.0, "step")``: L2 PGD warm-started at the paper's pass, which
+      keeps the direction the paper's pass finds and makes it a constrained maximiser
+      (``benchmarks/trigger_probe.py``: from zero, L2 PGD with C = 10 found a perturbation
+      unrelated to the trigger on the paper's CIFAR-10 BadNets model; from the paper's pass
+      it stays on the trigger on all three official models).
     clamp: clip ``x + δ`` to [0, 1] wherever the model sees a perturbed image.
     perturbed_fraction: fraction of each outer batch that gets ``+δ`` (at least one image).
     hypergrad_batch: ``"first"``: ``L_in`` of the hypergradient uses the round's first batch
@@ -126,6 +141,7 @@ class IBAUConfig:
   norm_bound: Optional[float] = 10.0
   inner_projection: str = "end"
   inner_candidates: tuple[tuple[str, float, str], ...] = (("normalized", 2.0, "step"),)
+  inner_refine: Optional[tuple[str, float, str]] = None
   clamp: bool = False
   perturbed_fraction: float = 0.01
   hypergrad_batch: str = "first"
@@ -171,13 +187,14 @@ class IBAUConfig:
       raise ValueError(f"IBAUConfig.hypergrad_batch must be 'first' or 'current', "
                        f"got {self.hypergrad_batch!r}")
     if not isinstance(self.inner_candidates, tuple) or any(
-        not isinstance(c, tuple) or len(c) != 3 or c[0] not in ("sgd", "adam", "normalized")
-        or isinstance(c[1], bool) or not isinstance(c[1], (int, float)) or not c[1] > 0
-        or not math.isfinite(c[1]) or c[2] not in ("end", "step")
-        for c in self.inner_candidates):
+        not _valid_solver(c) for c in self.inner_candidates):
       raise ValueError("IBAUConfig.inner_candidates must be a tuple of (optimizer, lr, "
                        "projection) tuples with optimizer in ('sgd', 'adam', 'normalized'), "
                        f"lr > 0 and projection in ('end', 'step'); got {self.inner_candidates!r}")
+    if self.inner_refine is not None and not _valid_solver(self.inner_refine):
+      raise ValueError("IBAUConfig.inner_refine must be None or an (optimizer, lr, projection) "
+                       "tuple with optimizer in ('sgd', 'adam', 'normalized'), lr > 0 and "
+                       f"projection in ('end', 'step'); got {self.inner_refine!r}")
     if self.inner_projection not in ("end", "step"):
       raise ValueError(f"IBAUConfig.inner_projection must be 'end' or 'step', "
                        f"got {self.inner_projection!r}")
@@ -207,7 +224,7 @@ class IBAUConfig:
     ``L_in`` on the first batch, η = 0.1, Neumann K = 5, Adam lr 1e-3."""
     base = dict(rounds=1, batch_size=100, shuffle=True, inner_epochs=1, inner_lr=10.0,
                 inner_optimizer="sgd", inner_reg=1e-3, pseudo_labels=True, norm_bound=10.0,
-                inner_projection="end", inner_candidates=(), clamp=False,
+                inner_projection="end", inner_candidates=(), inner_refine=None, clamp=False,
                 perturbed_fraction=0.01,
                 hypergrad_batch="first", fixed_point="gradient", fixed_point_lr=0.1,
                 solver="neumann", solver_iterations=5, outer_optimizer="adam", outer_lr=1e-3)
@@ -402,9 +419,18 @@ def _outer_step(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
 
 def _candidate_configs(config: IBAUConfig) -> list[IBAUConfig]:
   """The main inner solver's config, then one per ``inner_candidates`` entry."""
-  main = config.replace(inner_candidates=())
+  main = config.replace(inner_candidates=(), inner_refine=None)
   return [main] + [main.replace(inner_optimizer=o, inner_lr=float(lr), inner_projection=p)
                    for o, lr, p in config.inner_candidates]
+
+
+def _refine_config(config: IBAUConfig) -> Optional[IBAUConfig]:
+  """The config of the ``inner_refine`` solver, or None."""
+  if config.inner_refine is None:
+    return None
+  o, lr, p = config.inner_refine
+  return config.replace(inner_candidates=(), inner_refine=None, inner_optimizer=o,
+                        inner_lr=float(lr), inner_projection=p)
 
 
 def _inner_objective(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, rest: PyTree,
@@ -441,7 +467,8 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
   delta0 = jnp.zeros(images.shape[1:], images.dtype)
   reps = (config.inner_epochs,) + (1,) * (xb.ndim - 1)
   deltas, scores, all_losses = [], [], []
-  for c in _candidate_configs(config):
+  refine = _refine_config(config)
+  for i, c in enumerate(_candidate_configs(config)):
 
     def inner(carry, batch, c=c):
       delta, state, loss = _inner_step(c, apply_fn, params, rest, *carry, *batch)
@@ -451,6 +478,11 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
         inner, (delta0, _inner_tx(c).init(delta0)),
         (jnp.tile(xb, reps), jnp.tile(yb, (config.inner_epochs, 1))))
     delta = _project(delta, config.norm_bound)
+    if i == 0 and refine is not None:
+      (delta, _), _ = jax.lax.scan(
+          functools.partial(inner, c=refine), (delta, _inner_tx(refine).init(delta)),
+          (jnp.tile(xb, reps), jnp.tile(yb, (config.inner_epochs, 1))))
+      delta = _project(delta, config.norm_bound)
     deltas.append(delta)
     all_losses.append(inner_losses)
     if config.inner_candidates:
@@ -510,7 +542,8 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
   xb, yb = sync(_batches_jit(config, images, labels, k_perm, sharding))
   batches = sync([_take_jit(xb, yb, b, sharding) for b in range(xb.shape[0])])
   deltas, scores, all_losses = [], [], []
-  for c in _candidate_configs(config):
+  refine = _refine_config(config)
+  for i, c in enumerate(_candidate_configs(config)):
     delta = jnp.zeros(images.shape[1:], images.dtype)
     state = _inner_tx(c).init(delta)
     inner_losses = []
@@ -520,6 +553,13 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
                                                   x, y))
         inner_losses.append(loss)
     delta = _project_jit(delta, config.norm_bound)
+    if i == 0 and refine is not None:
+      state = _inner_tx(refine).init(delta)
+      for _ in range(config.inner_epochs):
+        for x, y in batches:
+          delta, state, _ = sync(_inner_step_jit(refine, apply_fn, params, rest, delta, state,
+                                                 x, y))
+      delta = _project_jit(delta, config.norm_bound)
     deltas.append(delta)
     all_losses.append(inner_losses)
     if config.inner_candidates:

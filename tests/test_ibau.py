@@ -327,6 +327,8 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("rounds", True), ("loop", "vmap"), ("fixed_point", "newton"), ("inner_projection", "never"),
     ("inner_candidates", (("lbfgs", 1.0, "end"),)), ("inner_candidates", (("sgd", -1.0, "end"),)),
     ("outer_lr_decay", 0.0), ("outer_lr_decay", 1.5),
+    ("inner_refine", ("lbfgs", 1.0, "end")), ("inner_refine", ("sgd", 0.0, "step")),
+    ("inner_refine", ("sgd", 1.0)),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
@@ -500,3 +502,34 @@ def test_outer_lr_decay_scales_round_r_updates_by_gamma_to_the_r(loop):
   jax.tree_util.tree_map(
       lambda a, b, c: np.testing.assert_allclose(b - c, 0.25 * (a - c), rtol=1e-4, atol=1e-7),
       one, quarter, p)
+
+
+def test_inner_refine_continues_from_the_main_solvers_delta():
+  # One round: δ = Π(refine passes started at Π(main passes)), on the round's batches.
+  variables = _variables()
+  x, y = _data(24)
+  main = ibau_jax.IBAUConfig(rounds=1, batch_size=8, norm_bound=1.0, inner_optimizer="sgd",
+                             inner_lr=10.0, inner_projection="end", inner_candidates=())
+  refined = main.replace(inner_refine=("normalized", 0.3, "step"))
+  key = jax.random.PRNGKey(5)
+  k_perm, _ = jax.random.split(jax.random.fold_in(key, 0))
+  xb, yb = ibau._batches(main, jnp.asarray(x), jnp.asarray(y), k_perm)
+  params, rest = variables["params"], {"batch_stats": variables["batch_stats"]}
+  step_config = main.replace(inner_optimizer="normalized", inner_lr=0.3, inner_projection="step")
+
+  def passes(config, delta):
+    state = ibau._inner_tx(config).init(delta)
+    for i in range(xb.shape[0]):
+      delta, state, _ = ibau._inner_step(config, apply_fn, params, rest, delta, state,
+                                         xb[i], yb[i])
+    return ibau._project(delta, config.norm_bound)
+
+  start = passes(main, jnp.zeros((H, W, 3), jnp.float32))
+  want = passes(step_config, start)
+  assert float(jnp.abs(want - start).max()) > 1e-3  # the refinement moves δ
+  plain = ibau_jax.unlearn(apply_fn, variables, x, y, main, key=key)
+  np.testing.assert_allclose(plain.perturbation, start, rtol=1e-5, atol=1e-6)
+  for loop in ("python", "scan"):
+    r = ibau_jax.unlearn(apply_fn, variables, x, y, refined.replace(loop=loop), key=key)
+    np.testing.assert_allclose(r.perturbation, want, rtol=1e-5, atol=1e-6)
+  assert ibau_jax.IBAUConfig.official().inner_refine is None
