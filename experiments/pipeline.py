@@ -411,10 +411,9 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
   _, k_train = jax.random.split(key)
   start = time.perf_counter()
   x, y, mask = poisoned_training_set(config, attack_name, seed, splits)
-  augment_mask = None
-  if not config.augment_triggered and attack_name != "clean":
-    changed = np.any(x != splits.train_x, axis=(1, 2, 3))
-    augment_mask = ~changed
+  # Without augment_triggered, only the images the poisoning left as they were are augmented.
+  augment_mask = (np.all(x == splits.train_x, axis=(1, 2, 3))
+                  if not config.augment_triggered and attack_name != "clean" else None)
   bar = _bar(tconfig.epochs, f"train {attack_name} seed {seed}", progress)
 
   def callback(epoch, metrics):
