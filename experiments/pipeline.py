@@ -683,10 +683,23 @@ def _save_figure(fig, path: pathlib.Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _with_defaults(saved: dict) -> dict:
+  """A saved config with the fields it predates (added to ExperimentConfig later) at their
+  defaults, so that adding a field does not orphan existing work directories."""
+  out = dict(saved)
+  for f in dataclasses.fields(ExperimentConfig):
+    if f.name not in out:
+      if f.default is not dataclasses.MISSING:
+        out[f.name] = f.default
+      elif f.default_factory is not dataclasses.MISSING:
+        out[f.name] = f.default_factory()
+  return json.loads(json.dumps(out))
+
+
 def _check_workdir(config: ExperimentConfig, workdir: pathlib.Path) -> None:
   path = workdir / "config.json"
   if path.is_file():
-    saved = json.loads(path.read_text())
+    saved = _with_defaults(json.loads(path.read_text()))
     if saved != config.to_dict():
       diff = sorted(k for k in set(saved) | set(config.to_dict())
                     if saved.get(k) != config.to_dict().get(k))

@@ -236,6 +236,17 @@ def test_clean_label_poisoning_counts_a_fraction_of_the_training_set():
   assert mask.sum() == in_target
 
 
+def test_work_directory_from_before_a_new_config_field_still_resumes(tmp_path):
+  config = pipeline.config_from_args("cifar10", _args(TINY))
+  old = config.to_dict()
+  del old["augment_triggered"]  # a work directory written before the field existed
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  pipeline._check_workdir(config, tmp_path)  # the default value: the same configuration
+  changed = pipeline.ExperimentConfig.from_dict({**config.to_dict(), "augment_triggered": False})
+  with pytest.raises(ValueError, match=r"augment_triggered"):
+    pipeline._check_workdir(changed, tmp_path)
+
+
 def test_every_registered_defense_has_settings_from_the_command_line():
   config = pipeline.config_from_args("cifar10", _args(TINY + [
       "--defense", "nc,fp", "--set", "nc.steps=7", "--set", "fp.prune_ratio=0.5"]))
