@@ -86,15 +86,19 @@ class ExperimentConfig:
     model_options: further keyword arguments of the model's constructor (lists become
       tuples), e.g. ``{"dropout_rates": [0, 0, 0]}`` (the ``cpu`` preset's: training without
       dropout; dropout is off at inference anyway, so the defenses see the same function).
-    augment_triggered: False: the attacker's training does not augment the images that the
-      poisoning changed (triggered images and WaNet's noise-mode images), so that a random
-      flip does not turn a trigger into its mirror image, a second trigger the model must
-      also learn (True: every image is augmented, as in the attacks' papers).
+    augment_triggered: False: the attacker's training does not augment the images that
+      carry the trigger, so that a random flip does not turn a trigger into its mirror
+      image, a second trigger the model must also learn (WaNet's noise-mode images, which
+      keep their labels, are augmented like clean ones; True: every image is augmented, as
+      in the attacks' papers).
     train_size: attacker's training images (CIFAR-10: the first ones; GTSRB: at most the
       training subset's size).
     clean_size: the defender's clean images.
     eval_size: evaluation images (None: all that are left).
     synthetic: use a generated data set (the smoke preset; no files needed).
+    attack_settings: for an attack name, keyword arguments of its constructor that differ
+      from its paper's values (``{"sig": {"delta": 0.157}}``; ``--set sig.delta=0.157``).
+      They are part of the model's cache key.
     train: :class:`ibau_jax.train.TrainConfig` fields for the attacker's training.
     ibau: :class:`ibau_jax.IBAUConfig` fields that differ from the default.
     ft: :class:`ibau_jax.defenses.FTConfig` fields that differ from the default.
@@ -117,6 +121,7 @@ class ExperimentConfig:
   clean_size: int = 5000
   eval_size: Optional[int] = None
   synthetic: bool = False
+  attack_settings: dict = dataclasses.field(default_factory=dict)
   train: dict = dataclasses.field(default_factory=dict)
   ibau: dict = dataclasses.field(default_factory=dict)
   ft: dict = dataclasses.field(default_factory=dict)
@@ -148,6 +153,18 @@ class ExperimentConfig:
                        f"{self.augment_triggered!r}")
     if not isinstance(self.model_options, dict):
       raise ValueError(f"model_options must be a dict, got {self.model_options!r}")
+    if not isinstance(self.attack_settings, dict):
+      raise ValueError(f"attack_settings must be a dict, got {self.attack_settings!r}")
+    from ibau_jax import attacks
+    for name, given in self.attack_settings.items():
+      if name not in attacks.attack_names() or not isinstance(given, dict):
+        raise ValueError(f"attack_settings: {name!r} must be a registered attack "
+                         f"({sorted(attacks.attack_names())}) mapped to a dict of its "
+                         f"parameters, got {given!r}")
+      if "target" in given or "num_classes" in given:
+        raise ValueError(f"attack_settings.{name}: set target with the target field, not "
+                         "per attack")
+      make_attack(name, self)  # validates the parameters
     try:
       _model(self)
     except (TypeError, ValueError) as e:
@@ -315,14 +332,22 @@ def load_splits(config: ExperimentConfig, data_dir: Optional[str]) -> Splits:
 # --------------------------------------------------------------------------------------
 
 
+def _registered(name: str) -> str:
+  """The registered attack behind an attack-table name (``clean`` is evaluated with BadNets'
+  trigger)."""
+  return "badnets" if name in ("clean", "badnets_all_to_all") else name
+
+
 def make_attack(name: str, config: ExperimentConfig):
   from ibau_jax import attacks
   num_classes = DATASETS[config.dataset]
-  if name in ("clean", "badnets"):
-    return attacks.get_attack("badnets", target=config.target, num_classes=num_classes)
+  registered = _registered(name)
+  settings = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in config.attack_settings.get(registered, {}).items()}
   if name == "badnets_all_to_all":
-    return attacks.get_attack("badnets", mode="all_to_all", num_classes=num_classes)
-  return attacks.get_attack(name, target=config.target, num_classes=num_classes)
+    return attacks.get_attack("badnets", mode="all_to_all", num_classes=num_classes, **settings)
+  return attacks.get_attack(registered, target=config.target, num_classes=num_classes,
+                            **settings)
 
 
 def _model(config: ExperimentConfig):
@@ -386,13 +411,21 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
   import jax
   from ibau_jax import train as train_lib
 
-  spec = dict(dataset=config.dataset, attack=attack_name, seed=seed, target=config.target,
-              poison_ratio=config.poison_ratio, model=config.model,
+  # The clean model depends on neither the target nor the poisoning ratio.
+  poisoning = {} if attack_name == "clean" else dict(target=config.target,
+                                                     poison_ratio=config.poison_ratio)
+  spec = dict(dataset=config.dataset, attack=attack_name, seed=seed, **poisoning,
+              model=config.model,
               model_widths=config.model_widths, train_size=config.train_size,
               **({"model_options": config.model_options} if config.model_options else {}),
+              **({"attack_settings": config.attack_settings[_registered(attack_name)]}
+                 if attack_name != "clean" and config.attack_settings.get(
+                     _registered(attack_name)) else {}),
               **({"clean_label_ratio": "of the training set"}
                  if getattr(make_attack(attack_name, config), "clean_label", False) else {}),
-              **({"augment_triggered": False}
+              **({"augment_triggered": False,
+                  # WaNet's noise-mode images were first left un-augmented too.
+                  **({"noise_mode_augmented": True} if attack_name == "wanet" else {})}
                  if not config.augment_triggered and attack_name != "clean" else {}),
               synthetic=config.synthetic, train=config.train)
   folder = model_dir / f"{attack_name}_seed{seed}_{_digest(spec)}"
@@ -411,9 +444,9 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
   _, k_train = jax.random.split(key)
   start = time.perf_counter()
   x, y, mask = poisoned_training_set(config, attack_name, seed, splits)
-  # Without augment_triggered, only the images the poisoning left as they were are augmented.
-  augment_mask = (np.all(x == splits.train_x, axis=(1, 2, 3))
-                  if not config.augment_triggered and attack_name != "clean" else None)
+  # Without augment_triggered, the images that carry the trigger are not augmented (WaNet's
+  # noise-mode images, warped at random with their labels kept, are).
+  augment_mask = (~mask if not config.augment_triggered and attack_name != "clean" else None)
   bar = _bar(tconfig.epochs, f"train {attack_name} seed {seed}", progress)
 
   def callback(epoch, metrics):
@@ -778,6 +811,10 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
     head, _, sub = field.partition(".")
     if head in ("train", "ibau", "ft") and sub:
       base[head] = {**base[head], sub: _parse_value(value)}
+    elif sub and head in attack_names() and head not in EXTRA_ATTACKS:
+      settings = dict(base.get("attack_settings") or {})
+      settings[head] = {**settings.get(head, {}), sub: _parse_value(value)}
+      base["attack_settings"] = settings
     elif sub and head in defense_names() and head != "none":
       settings = dict(base.get("defense_settings") or {})
       settings[head] = {**settings.get(head, {}), sub: _parse_value(value)}
@@ -788,7 +825,8 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
       raise ValueError(f"--set: unknown field {field!r}; use one of "
                        f"{sorted(k for k in base if k not in ('dataset', 'preset'))}, "
                        "train.<TrainConfig field>, ibau.<IBAUConfig field>, "
-                       "ft.<FTConfig field> or <defense>.<its config field>")
+                       "ft.<FTConfig field>, <attack>.<its parameter> or "
+                       "<defense>.<its config field>")
   return ExperimentConfig.from_dict(base)
 
 

@@ -188,7 +188,7 @@ def test_attack_table_checks_and_shared_model_cache(tmp_path, capsys):
   assert "| blend | 0 | 1 | 76.50 | 99.00 |" in markdown
 
 
-def test_augment_triggered_false_keeps_changed_images_unaugmented(tmp_path, monkeypatch):
+def test_augment_triggered_false_keeps_triggered_images_unaugmented(tmp_path, monkeypatch):
   from ibau_jax import train as train_lib
   seen = []
 
@@ -208,15 +208,59 @@ def test_augment_triggered_false_keeps_changed_images_unaugmented(tmp_path, monk
   assert mask_on is None and clean_on is None
   np.testing.assert_array_equal(x_on, x_off)
   untouched = np.all(x_off == splits.train_x, axis=(1, 2, 3))
-  np.testing.assert_array_equal(mask_off, untouched)
-  # WaNet changes its 10 % poisoned images and twice as many noise-mode images.
+  relabelled = pipeline.poisoned_training_set(off, "wanet", 0, splits)[1] != splits.train_y
+  # Exactly the triggered images (10 %, all relabelled to the target) are left as they are;
+  # the noise-mode images (twice as many, changed but not relabelled) are augmented.
   n = len(splits.train_y)
-  assert (~mask_off).sum() == pytest.approx(0.3 * n, abs=0.02 * n)
+  np.testing.assert_array_equal(~mask_off, relabelled)
+  assert (~mask_off).sum() == pytest.approx(0.1 * n, abs=0.02 * n)
+  noise_mode = ~untouched & mask_off
+  assert noise_mode.sum() == pytest.approx(0.2 * n, abs=0.02 * n)
   # The poisoned model's cache key changes; the clean model's does not.
   assert len([f for f in tmp_path.iterdir() if f.name.startswith("wanet")]) == 2
   assert len([f for f in tmp_path.iterdir() if f.name.startswith("clean")]) == 1
   with pytest.raises(ValueError, match="augment_triggered"):
     pipeline.ExperimentConfig.from_dict({**base.to_dict(), "augment_triggered": "no"})
+
+
+def test_attack_settings_reach_the_attack_and_the_model_cache_key(tmp_path, monkeypatch):
+  from ibau_jax import train as train_lib
+  seen = []
+
+  def fake_fit(model, images, labels, config, **kw):
+    seen.append(images)
+    return model.init(kw["key"], images[:1], train=False), []
+
+  monkeypatch.setattr(train_lib, "fit", fake_fit)
+  base = pipeline.config_from_args("cifar10", _args(TINY))
+  strong = pipeline.config_from_args("cifar10", _args(TINY + ["--set", "sig.delta=0.2",
+                                                             "--set", "badnets.size=3"]))
+  assert strong.attack_settings == {"sig": {"delta": 0.2}, "badnets": {"size": 3}}
+  assert pipeline.make_attack("sig", strong).delta == 0.2
+  assert pipeline.make_attack("sig", base).delta == pytest.approx(20 / 255)
+  splits = pipeline.load_splits(base, None)
+  for config in (base, strong):
+    for attack in ("sig", "clean"):
+      pipeline.train_poisoned(config, attack, 0, splits, tmp_path, lambda s: None, False)
+  # The signal's amplitude is what the poisoned images got.
+  (x_base, _, x_strong) = seen
+  changed = np.any(x_base != splits.train_x, axis=(1, 2, 3))
+  assert changed.sum() > 0
+  col = (x_strong - splits.train_x)[changed][..., 0]
+  assert np.abs(col).max() == pytest.approx(0.2, abs=1e-6)
+  # A new model for sig; the clean model (evaluated with BadNets' trigger) is reused.
+  assert len([f for f in tmp_path.iterdir() if f.name.startswith("sig")]) == 2
+  assert len([f for f in tmp_path.iterdir() if f.name.startswith("clean")]) == 1
+  # Nor do the target and the poisoning ratio change the clean model.
+  other = pipeline.ExperimentConfig.from_dict({**base.to_dict(), "poison_ratio": 0.05,
+                                               "target": 3})
+  pipeline.train_poisoned(other, "clean", 0, splits, tmp_path, lambda s: None, False)
+  assert len(seen) == 3
+  for bad, match in ((["--set", "sig.colour=1"], "sig"),
+                     (["--set", "sig.delta=2"], "delta"),
+                     (["--set", "sig.target=3"], "target field")):
+    with pytest.raises(ValueError, match=match):
+      pipeline.config_from_args("cifar10", _args(TINY + bad))
 
 
 def test_clean_label_poisoning_counts_a_fraction_of_the_training_set():
