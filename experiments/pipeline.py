@@ -411,6 +411,11 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
   import jax
   from ibau_jax import train as train_lib
 
+  # Settings of the test-time trigger only (SIG's test_delta) do not change the model.
+  evaluation_only = type(make_attack(attack_name, config)).evaluation_fields
+  training_settings = {k: v for k, v in
+                       config.attack_settings.get(_registered(attack_name), {}).items()
+                       if k not in evaluation_only}
   # The clean model depends on neither the target nor the poisoning ratio.
   poisoning = {} if attack_name == "clean" else dict(target=config.target,
                                                      poison_ratio=config.poison_ratio)
@@ -418,9 +423,8 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
               model=config.model,
               model_widths=config.model_widths, train_size=config.train_size,
               **({"model_options": config.model_options} if config.model_options else {}),
-              **({"attack_settings": config.attack_settings[_registered(attack_name)]}
-                 if attack_name != "clean" and config.attack_settings.get(
-                     _registered(attack_name)) else {}),
+              **({"attack_settings": training_settings}
+                 if attack_name != "clean" and training_settings else {}),
               **({"clean_label_ratio": "of the training set"}
                  if getattr(make_attack(attack_name, config), "clean_label", False) else {}),
               **({"augment_triggered": False,
@@ -494,7 +498,7 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
   apply_fn = _apply_fn(model)
   variables, info = train_poisoned(config, attack_name, seed, splits, model_dir, log,
                                    progress)
-  attack = make_attack(attack_name, config)
+  attack = make_attack(attack_name, config).for_evaluation()
 
   all_to_all = attack.mode == "all_to_all"
   target = (np.asarray(attack.relabel(splits.eval_y, num_classes=DATASETS[config.dataset]))
@@ -675,7 +679,7 @@ def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
   plt.close(fig)
   if splits is None:
     return
-  attack = make_attack(cell["attack"], config)
+  attack = make_attack(cell["attack"], config).for_evaluation()
   images = splits.eval_x[:6]
   triggered = np.asarray(attack.apply(images))
   rows = 3 if cell.get("delta") is not None else 2

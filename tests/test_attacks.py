@@ -429,6 +429,28 @@ def test_sig_poisons_only_target_class_and_keeps_labels():
   np.testing.assert_array_equal(attack.relabel(labels), 2)  # test-time target
 
 
+def test_sig_test_delta_changes_only_the_test_time_signal():
+  x = _grey(h=8, w=12)
+  v = np.sin(2 * np.pi * np.arange(12) * 6 / 12)[None, None, :, None]
+  attack = Sig(target=1, delta=0.1, test_delta=0.3)
+  np.testing.assert_allclose(attack.apply(x), 0.5 + 0.1 * np.broadcast_to(v, x.shape),
+                             atol=1e-6)
+  test_time = attack.for_evaluation()
+  np.testing.assert_allclose(test_time.apply(x), 0.5 + 0.3 * np.broadcast_to(v, x.shape),
+                             atol=1e-6)
+  assert test_time.target == 1 and test_time.clean_label
+  labels = np.array([1, 1, 0, 1], np.int32)
+  xp, _, poisoned = poison(_images(n=4, h=8, w=12), labels, attack, 1.0,
+                           key=jax.random.PRNGKey(0))
+  np.testing.assert_allclose(xp[poisoned], attack.apply(_images(n=4, h=8, w=12)[poisoned]),
+                             atol=1e-6)  # poisoning keeps the training amplitude
+  plain = Sig(target=1)
+  assert plain.for_evaluation() is plain and get_attack("badnets").for_evaluation().name == \
+      "badnets"
+  with pytest.raises(ValueError, match="test_delta"):
+    Sig(test_delta=1.5)
+
+
 # --- label policies ---------------------------------------------------------------
 
 

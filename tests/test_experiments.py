@@ -251,6 +251,12 @@ def test_attack_settings_reach_the_attack_and_the_model_cache_key(tmp_path, monk
   # A new model for sig; the clean model (evaluated with BadNets' trigger) is reused.
   assert len([f for f in tmp_path.iterdir() if f.name.startswith("sig")]) == 2
   assert len([f for f in tmp_path.iterdir() if f.name.startswith("clean")]) == 1
+  # A test-time amplitude changes the evaluation, not the model.
+  test_time = pipeline.config_from_args("cifar10", _args(
+      TINY + ["--set", "sig.delta=0.2", "--set", "badnets.size=3", "--set", "sig.test_delta=0.3"]))
+  pipeline.train_poisoned(test_time, "sig", 0, splits, tmp_path, lambda s: None, False)
+  assert len(seen) == 3
+  assert pipeline.make_attack("sig", test_time).for_evaluation().delta == 0.3
   # Nor do the target and the poisoning ratio change the clean model.
   other = pipeline.ExperimentConfig.from_dict({**base.to_dict(), "poison_ratio": 0.05,
                                                "target": 3})

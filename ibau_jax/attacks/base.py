@@ -162,6 +162,8 @@ class Attack:
   """
 
   name: ClassVar[str] = ""
+  # Fields that change only the test-time trigger (:meth:`for_evaluation`), not poisoning.
+  evaluation_fields: ClassVar[tuple[str, ...]] = ()
 
   target: int = 0
   mode: str = "all_to_one"
@@ -198,6 +200,11 @@ class Attack:
 
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
     return self.apply(images)
+
+  def for_evaluation(self) -> "Attack":
+    """The attack as the attacker applies it at test time: itself, unless the attack's
+    paper triggers test images differently from poisoned ones (SIG's ``test_delta``)."""
+    return self
 
   def resolve_num_classes(self, num_classes: Optional[int] = None) -> Optional[int]:
     """``num_classes`` from the argument or the field; ``ValueError`` if they differ."""

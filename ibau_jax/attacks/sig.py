@@ -10,13 +10,15 @@ Clean-label: poisoning (:func:`ibau_jax.attacks.poison`) adds the signal to imag
 OF the target class only and keeps their labels; at test time the signal on an
 image of another class should make the model answer ``target``
 (:meth:`~ibau_jax.attacks.base.Attack.relabel` gives ``target``).  Barni et al.
-note that a stronger signal can be used at test time than for poisoning: pass a
-larger ``delta`` to a second :class:`Sig` for evaluation.
+note that a stronger signal can be used at test time than for poisoning: ``test_delta``
+sets that amplitude (:meth:`~ibau_jax.attacks.base.Attack.for_evaluation` gives the
+test-time attack; poisoning always uses ``delta``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,15 +33,19 @@ class Sig(Attack):
   Attributes:
     target: target class (the class whose images are poisoned).
     clean_label: True (SIG's threat model); False gives a dirty-label variant.
-    delta: amplitude on [0, 1] pixels (20/255).
+    delta: amplitude on [0, 1] pixels (20/255) of the poisoned training images.
     frequency: number of periods ``f`` across the image width (6).
+    test_delta: None (the test-time signal is the training one), or the amplitude of the
+      test-time signal (Barni et al.: it may be stronger than the poisoning one).
   """
 
   name = "sig"
+  evaluation_fields = ("test_delta",)
 
   clean_label: bool = True
   delta: float = 20.0 / 255.0
   frequency: float = 6.0
+  test_delta: Optional[float] = None
 
   def __post_init__(self) -> None:
     super().__post_init__()
@@ -47,6 +53,15 @@ class Sig(Attack):
                                                   low=0.0, high=1.0))
     object.__setattr__(self, "frequency", check_float(self.frequency, "sig",
                                                       "frequency"))
+    if self.test_delta is not None:
+      object.__setattr__(self, "test_delta", check_float(self.test_delta, "sig",
+                                                         "test_delta", low=0.0, high=1.0))
+
+  def for_evaluation(self) -> "Sig":
+    """This attack with the test-time amplitude (``test_delta``) as its ``delta``."""
+    if self.test_delta is None:
+      return self
+    return dataclasses.replace(self, delta=self.test_delta, test_delta=None)
 
   def signal(self, width: int) -> np.ndarray:
     """``delta * sin(2 pi j f / W)`` for ``j = 0 .. W-1`` (float64)."""

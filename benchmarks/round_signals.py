@@ -1,0 +1,164 @@
+"""Can a defender tell, after each I-BAU round, whether the backdoor is still there?
+
+    python benchmarks/round_signals.py --data-dir ../shared/data \\
+        --model gtsrbbadnets_8_02 --seed 0 --set hypergrad_batch=current \\
+        --out runs/round_signals_gtsrb_s0.json
+
+The ASR of I-BAU's rounds is not monotone (docs/results.md): the backdoor can come back in a
+later round.  A defender who could see that would return the best round instead of the last.
+This script runs :func:`ibau_jax.unlearn` on one official model (the protocol of
+``experiments.reproduce_official``; ``--set`` overrides on top of ``IBAUConfig()``) and,
+before the first round and after every round, records
+
+* what the defender cannot see: ACC / ASR / RA on the evaluation images;
+* what the defender can compute from the clean set alone:
+
+  - ``clean_acc``: accuracy on the clean set (which the rounds train on);
+  - for each radius C of ``--bounds``: a universal perturbation found by L2 PGD from zero
+    (normalised steps of length C/5, projected every step, ``--epochs`` passes over the first
+    ``--signal-images`` clean images, maximising CE against the model's own predictions), and
+    on those images: ``flip`` (share whose prediction it changes), ``top_share`` (share of
+    the images not already predicted as the most frequent new class that it sends there),
+    ``top_class`` and the mean CE.
+
+A backdoored model has a small universal perturbation that sends nearly every image to
+one class (the trigger is one); if ``top_share`` at a small C tracks the ASR over the rounds,
+it is a defender-side signal for choosing the round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import ibau_jax  # noqa: E402
+from ibau_jax import data as data_lib  # noqa: E402
+from ibau_jax import files  # noqa: E402
+from ibau_jax import metrics  # noqa: E402
+from ibau_jax.models import get_model  # noqa: E402
+from ibau_jax.models import torch_import  # noqa: E402
+from benchmarks.trigger_probe import _predict, solve  # noqa: E402
+from experiments import reproduce_official as ro  # noqa: E402
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _targeted_step(apply_fn, variables, delta, x, target, step, bound):
+  """One normalised L2 PGD step towards ``target`` (minimising its CE), projected."""
+  def loss(d):
+    logits = apply_fn(variables, x + d)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, target])
+  g = jax.grad(loss)(delta)
+  delta = delta - step * g / (jnp.linalg.norm(g) + 1e-12)
+  return delta * jnp.minimum(1.0, bound / (jnp.linalg.norm(delta) + 1e-12))
+
+
+def targeted(apply_fn, variables, images, target, bound, epochs, batch=100) -> float:
+  """Share of ``images`` not already predicted ``target`` that a universal L2 perturbation
+  of norm ``bound`` (PGD towards ``target``, ``epochs`` passes) sends to ``target``."""
+  delta = jnp.zeros(images.shape[1:], jnp.float32)
+  for _ in range(epochs):
+    for i in range(0, len(images) - batch + 1, batch):
+      delta = _targeted_step(apply_fn, variables, delta, images[i:i + batch], target,
+                             bound / 5, bound)
+  before = _predict(apply_fn, variables, images)
+  after = _predict(apply_fn, variables, images + np.asarray(delta))
+  return float(np.mean(after[before != target] == target))
+
+
+def signals(apply_fn, variables, images, bounds, epochs, num_classes, suspect=None) -> dict:
+  """The defender-side numbers above for one model (``images``: the signal subset)."""
+  pseudo = _predict(apply_fn, variables, images)
+  out = {}
+  if suspect is not None:
+    for bound in bounds:
+      out[f"to_suspect_C{bound:g}"] = targeted(apply_fn, variables, images, suspect, bound,
+                                               epochs)
+    return out
+  for bound in bounds:
+    pgd = ibau_jax.IBAUConfig(norm_bound=bound, inner_optimizer="normalized",
+                              inner_lr=bound / 5, inner_projection="step", inner_candidates=())
+    delta = np.asarray(solve(pgd, apply_fn, variables, images, pseudo, epochs))
+    logits = np.concatenate([np.asarray(apply_fn(variables, images[i:i + 500] + delta))
+                             for i in range(0, len(images), 500)])
+    pred = logits.argmax(-1)
+    counts = np.bincount(pred[pred != pseudo], minlength=num_classes)
+    top = int(counts.argmax())
+    ce = float(np.mean(jax.nn.logsumexp(logits, -1) - logits[np.arange(len(pseudo)), pseudo]))
+    out[f"C{bound:g}"] = dict(flip=float(np.mean(pred != pseudo)), top_class=top,
+                              top_share=float(np.mean(pred[pseudo != top] == top)), ce=ce)
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--data-dir", default=os.environ.get(data_lib.DATA_DIR_ENV))
+  parser.add_argument("--reference-dir", default="../shared/reference/ibau_official")
+  parser.add_argument("--model", default="badnets_8_02", choices=ro.MODELS)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="IBAUConfig field on top of the default (as in reproduce_official)")
+  parser.add_argument("--bounds", default="1,2,4")
+  parser.add_argument("--epochs", type=int, default=2)
+  parser.add_argument("--signal-images", type=int, default=1000)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  if not args.data_dir:
+    parser.error("--data-dir (or $IBAU_DATA_DIR) is required")
+  reference = pathlib.Path(args.reference_dir)
+  info = json.loads((reference / "models.json").read_text())[args.model]
+  clean_x, clean_y, eval_x, eval_y = ro._split(info["dataset"], args.data_dir, 5000)
+  classes = 10 if info["dataset"] == "cifar10" else 43
+  model = get_model("small_vgg16", classes)
+  variables = torch_import.load_torch_state(reference / f"{args.model}.npz", "small_vgg16")
+  attack = ro._attack(info, reference)
+  bounds = [float(c) for c in args.bounds.split(",")]
+  sig_x = clean_x[:args.signal_images]
+  out = pathlib.Path(args.out)
+  rows = []
+
+  suspect = []
+
+  def record(r, v, stats=None):
+    start = time.perf_counter()
+    m = metrics.evaluate(model.apply, v, eval_x, eval_y, attack.apply, info["target"])
+    clean_acc = float(np.mean(_predict(model.apply, v, clean_x) == clean_y))
+    sig = signals(model.apply, v, sig_x, bounds, args.epochs, classes)
+    if not suspect:  # the class the first universal perturbation sends the most images to
+      suspect.append(max(sig.values(), key=lambda s: s["top_share"])["top_class"])
+    sig.update(signals(model.apply, v, sig_x, bounds, args.epochs, classes, suspect[0]))
+    row = dict(round=r, acc=m["acc"], asr=m["asr"], ra=m["ra"], clean_acc=clean_acc,
+               suspect=suspect[0], signals=sig,
+               **({k: stats[k] for k in ("inner_loss", "inner_choice", "residual_mean", "delta_norm",
+                                         "seconds") if k in stats} if stats else {}))
+    row["signal_seconds"] = time.perf_counter() - start
+    rows.append(row)
+    sig = "; ".join(f"{k}: flip {s['flip']:.3f} top {s['top_class']} {s['top_share']:.3f} "
+                    f"CE {s['ce']:.2f}" if isinstance(s, dict) else f"{k} {s:.3f}"
+                    for k, s in row["signals"].items())
+    print(f"round {r}: ACC {m['acc']:.2%} ASR {m['asr']:.2%} clean-set ACC {clean_acc:.2%} | "
+          f"{sig} ({row['signal_seconds']:.0f} s)", flush=True)
+    files.atomic_write(out, json.dumps(dict(model=args.model, seed=args.seed, set=args.set,
+                                            bounds=bounds, rows=rows), indent=1))
+
+  record(-1, variables)
+  config = ro._config("default", ro._parse_overrides(args.set)).replace(
+      callback=lambda r, stats, v: record(r, v, stats))
+  ibau_jax.unlearn(model.apply, variables, clean_x, clean_y, config,
+                   key=jax.random.PRNGKey(args.seed))
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
