@@ -126,6 +126,21 @@ class IBAUConfig:
       ``"python"``: one compiled program per step, looped over in Python (faster on CPU, where
       XLA runs convolution gradients inside loops slowly); ``"auto"``: python on CPU, scan on
       GPU/TPU.  Both give the same result.
+    select: which round's variables :func:`unlearn` returns.  ``"last"``: the last round's
+      (the paper).  ``"probe"``: before the first round, :func:`ibau_jax.probe.find_suspect`
+      looks on the first ``probe_images`` clean images for a class that a small universal
+      perturbation sends most images to (radii ``probe_bounds``, smallest first); after
+      every round, :func:`ibau_jax.probe.targeted_success` measures the share of those
+      images that a universal perturbation of the suspect's radius sends to that class (in
+      the history as ``probe``), and the round with the lowest share is returned (the
+      later one on ties).  A backdoor can come back in a later round (docs/results.md);
+      this share tracks the real trigger's ASR without knowing the trigger.  With no
+      suspect, the last round is returned.
+    probe_bounds: L2 radii tried, smallest first, for the suspect class.
+    probe_images: clean images used by the probes (the first ones; at most all of them,
+      at least ``batch_size``).
+    probe_epochs: passes of the probes' PGD over those images.
+    probe_min_share: the share of images one class must receive to be the suspect.
     callback: ``callback(round_index, stats, variables)`` after every round, for progress
       display or ACC/ASR tracking; its return value is ignored.
   """
@@ -154,6 +169,11 @@ class IBAUConfig:
   outer_lr: float = 1e-3
   outer_lr_decay: float = 1.0
   loop: str = "auto"
+  select: str = "last"
+  probe_bounds: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+  probe_images: int = 1000
+  probe_epochs: int = 2
+  probe_min_share: float = 0.5
   callback: Optional[RoundCallback] = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
@@ -165,8 +185,19 @@ class IBAUConfig:
         kind = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"IBAUConfig.{name} must be {kind}, got {value!r}")
 
-    for name in ("rounds", "batch_size", "inner_epochs"):
+    for name in ("rounds", "batch_size", "inner_epochs", "probe_images", "probe_epochs"):
       positive(name, True)
+    if self.select not in ("last", "probe"):
+      raise ValueError(f"IBAUConfig.select must be 'last' or 'probe', got {self.select!r}")
+    if not isinstance(self.probe_bounds, tuple) or not self.probe_bounds or any(
+        isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0
+        or not math.isfinite(b) for b in self.probe_bounds):
+      raise ValueError("IBAUConfig.probe_bounds must be a non-empty tuple of positive radii, "
+                       f"got {self.probe_bounds!r}")
+    if isinstance(self.probe_min_share, bool) or not isinstance(
+        self.probe_min_share, (int, float)) or not 0.0 < self.probe_min_share <= 1.0:
+      raise ValueError(f"IBAUConfig.probe_min_share must be in (0, 1], "
+                       f"got {self.probe_min_share!r}")
     for name in ("inner_lr", "fixed_point_lr", "outer_lr"):
       positive(name, False)
     if not isinstance(self.solver_iterations, (int, np.integer)) or self.solver_iterations < 0:
@@ -244,14 +275,21 @@ class UnlearnResult:
     history: one dict per round with ``round``, ``inner_loss`` (mean over inner steps),
       ``outer_loss`` (mean over outer steps), ``delta_norm`` (‖δ‖₂ after projection),
       ``residual_mean`` / ``residual_max`` (hypergradient solver's relative residual),
-      ``inner_choice`` (which inner solver's δ was kept, see ``inner_candidates``) and
-      ``seconds`` (wall time, the first round including compilation).
+      ``inner_choice`` (which inner solver's δ was kept, see ``inner_candidates``),
+      ``seconds`` (wall time, the first round including compilation) and, with
+      ``select="probe"``, ``probe`` (the suspect's targeted success share) and
+      ``probe_seconds``.
     perturbation: the last round's δ, shape ``(H, W, C)``.
+    selected_round: the round whose variables were returned.
+    suspect: with ``select="probe"``, :func:`ibau_jax.probe.find_suspect`'s result on the
+      input model (None: no suspect class, or ``select="last"``).
   """
 
   variables: PyTree
   history: list[dict]
   perturbation: jax.Array
+  selected_round: int = -1
+  suspect: Optional[dict] = None
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -717,6 +755,13 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
   opt_state = _make_optimizer(config.outer_optimizer, config.outer_lr).init(params)
   history = []
   delta = jnp.zeros(images.shape[1:], images.dtype)
+  suspect, best = None, None
+  if config.select == "probe":
+    from ibau_jax import probe  # pylint: disable=import-outside-toplevel
+    probe_x = np.asarray(images[:max(config.batch_size, config.probe_images)])
+    probe_kw = dict(epochs=config.probe_epochs, batch_size=config.batch_size)
+    suspect = probe.find_suspect(apply_fn, variables, probe_x, bounds=config.probe_bounds,
+                                 min_share=config.probe_min_share, **probe_kw)
   for r in range(config.rounds):
     start = time.perf_counter()
     params, opt_state, delta, stats = round_fn(static, apply_fn, params, opt_state, rest,
@@ -734,9 +779,21 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
                  residual_mean=float(stats["residual_mean"]),
                  residual_max=float(stats["residual_max"]),
                  inner_choice=int(stats["inner_choice"]), seconds=seconds)
+    if suspect is not None:
+      start = time.perf_counter()
+      entry["probe"] = probe.targeted_success(apply_fn, {"params": params, **rest}, probe_x,
+                                              suspect["target"], bound=suspect["bound"],
+                                              **probe_kw)
+      entry["probe_seconds"] = time.perf_counter() - start
+      if best is None or entry["probe"] <= best[1]:
+        best = (r, entry["probe"], params)
     history.append(entry)
     if config.callback is not None:
       config.callback(r, dict(entry), {"params": params, **rest})
+  selected = config.rounds - 1
+  if best is not None:
+    selected, _, params = best
   return UnlearnResult(variables={**variables, "params": params} if isinstance(variables, dict)
                        else type(variables)({**variables, "params": params}),
-                       history=history, perturbation=delta)
+                       history=history, perturbation=delta, selected_round=selected,
+                       suspect=suspect)

@@ -1,0 +1,128 @@
+"""Trigger probes: what a defender can measure about a backdoor with clean images alone.
+
+A backdoored classifier has a *small universal* perturbation that sends nearly every image
+to one class: its trigger.  These functions look for such perturbations with L2 projected
+gradient descent over a set of clean images ``x_1..x_n``:
+
+* :func:`universal_perturbation` solves, for a radius ``C``,
+
+      untargeted:  max_{‖δ‖₂ ≤ C} (1/n) Σ_i CE(f(x_i + δ), ŷ_i)      (ŷ_i = argmax f(x_i))
+      targeted:    min_{‖δ‖₂ ≤ C} (1/n) Σ_i CE(f(x_i + δ), t)
+
+  with ``epochs`` passes of normalised steps ``δ ← Π_C(δ ∓ (C/5) g/‖g‖₂)`` (``g`` the
+  gradient on one batch; ``Π_C`` the projection on the ball).
+* :func:`find_suspect` tries the radii of ``bounds`` from the smallest; at the first one
+  whose untargeted δ sends at least ``min_share`` of the images not already predicted as
+  its most frequent new class ``k`` to ``k``, it returns ``k`` (the suspected target class)
+  and that radius.
+* :func:`targeted_success` is the share of images (not already predicted ``t``) that the
+  targeted δ of radius ``C`` sends to ``t``: an ASR the defender can compute without
+  knowing the trigger, since the trigger is itself such a δ.
+
+:func:`ibau_jax.unlearn` with ``IBAUConfig(select="probe")`` uses them to return the round
+whose model resists the suspect class's probe best (the backdoor can come back in a later
+round; docs/results.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _step(apply_fn: ApplyFn, variables: PyTree, delta: jax.Array, x: jax.Array,
+          labels: jax.Array, sign: jax.Array, bound: jax.Array) -> jax.Array:
+  """One normalised L2 PGD step on the mean CE against ``labels`` (``sign`` +1: ascent,
+  −1: descent), projected on the ball of radius ``bound``."""
+
+  def loss(d):
+    logits = apply_fn(variables, x + d)
+    picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
+
+  g = jax.grad(loss)(delta)
+  delta = delta + sign * (bound / 5.0) * g / (jnp.linalg.norm(g) + 1e-12)
+  return delta * jnp.minimum(1.0, bound / (jnp.linalg.norm(delta) + 1e-12))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _predict_batch(apply_fn: ApplyFn, variables: PyTree, x: jax.Array) -> jax.Array:
+  return jnp.argmax(apply_fn(variables, x), axis=-1)
+
+
+def predict(apply_fn: ApplyFn, variables: PyTree, images, batch_size: int = 100) -> np.ndarray:
+  """``argmax f(x)`` for every image (batches of ``batch_size``; the last may be shorter)."""
+  images = jnp.asarray(images)
+  return np.concatenate([np.asarray(_predict_batch(apply_fn, variables,
+                                                   images[i:i + batch_size]))
+                         for i in range(0, images.shape[0], batch_size)])
+
+
+def universal_perturbation(apply_fn: ApplyFn, variables: PyTree, images, *, bound: float,
+                           target: Optional[int] = None, epochs: int = 2,
+                           batch_size: int = 100) -> jax.Array:
+  """The universal δ (shape ``images.shape[1:]``, ``‖δ‖₂ ≤ bound``) of the module
+  docstring: targeted towards ``target``, or untargeted against the model's own
+  predictions when ``target`` is None.  Full batches only; ``images`` must hold at least
+  one."""
+  images = jnp.asarray(images, jnp.float32)
+  n = images.shape[0]
+  if n < batch_size:
+    raise ValueError(f"the probe needs at least one batch of {batch_size} images, got {n}")
+  if target is None:
+    labels, sign = jnp.asarray(predict(apply_fn, variables, images, batch_size)), 1.0
+  else:
+    labels, sign = jnp.full((n,), target, jnp.int32), -1.0
+  delta = jnp.zeros(images.shape[1:], jnp.float32)
+  sign, bound_arr = jnp.asarray(sign, jnp.float32), jnp.asarray(bound, jnp.float32)
+  for _ in range(epochs):
+    for i in range(0, n - batch_size + 1, batch_size):
+      delta = _step(apply_fn, variables, delta, images[i:i + batch_size],
+                    labels[i:i + batch_size], sign, bound_arr)
+  return delta
+
+
+def _share_to(before: np.ndarray, after: np.ndarray, k: int) -> float:
+  """Share of the images not predicted ``k`` before that are predicted ``k`` after."""
+  eligible = before != k
+  return float(np.mean(after[eligible] == k)) if eligible.any() else 0.0
+
+
+def find_suspect(apply_fn: ApplyFn, variables: PyTree, images, *,
+                 bounds: Sequence[float] = (1.0, 2.0, 4.0, 8.0), min_share: float = 0.5,
+                 epochs: int = 2, batch_size: int = 100) -> Optional[dict]:
+  """The suspected target class: ``{"target": k, "bound": C, "share": s}`` for the smallest
+  radius ``C`` of ``bounds`` whose untargeted universal δ sends a share ``s ≥ min_share``
+  of the images to one class ``k`` (see the module docstring); None if no radius does."""
+  before = predict(apply_fn, variables, images, batch_size)
+  for bound in sorted(bounds):
+    delta = universal_perturbation(apply_fn, variables, images, bound=bound, epochs=epochs,
+                                   batch_size=batch_size)
+    after = predict(apply_fn, variables, jnp.asarray(images) + delta, batch_size)
+    moved = after[after != before]
+    if moved.size == 0:
+      continue
+    k = int(np.bincount(moved).argmax())
+    share = _share_to(before, after, k)
+    if share >= min_share:
+      return dict(target=k, bound=float(bound), share=share)
+  return None
+
+
+def targeted_success(apply_fn: ApplyFn, variables: PyTree, images, target: int, *,
+                     bound: float, epochs: int = 2, batch_size: int = 100) -> float:
+  """Share of ``images`` not predicted ``target`` that the targeted universal δ of radius
+  ``bound`` sends to ``target``."""
+  delta = universal_perturbation(apply_fn, variables, images, bound=bound, target=target,
+                                 epochs=epochs, batch_size=batch_size)
+  before = predict(apply_fn, variables, images, batch_size)
+  after = predict(apply_fn, variables, jnp.asarray(images) + delta, batch_size)
+  return _share_to(before, after, target)

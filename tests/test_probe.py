@@ -1,0 +1,145 @@
+"""`ibau_jax.probe`: universal perturbations, the suspect class, the targeted success rate."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ibau_jax import probe
+
+H = W = 8
+CLASSES = 4
+# Class c's images are bright on region c; the model reads each region with weight 3.
+REGIONS = [(slice(0, 3), slice(0, 3)), (slice(0, 3), slice(5, 8)), (slice(5, 8), slice(0, 3)),
+           (slice(3, 5), slice(3, 5))]
+PATCH = (slice(6, 8), slice(6, 8))  # the planted trigger: 2x2 pixels in the corner
+
+
+def linear_model(backdoor: bool):
+  """``logits = W vec(x) + b``; with ``backdoor`` the patch's pixels drive class 2."""
+  w = np.zeros((H, W, 1, CLASSES), np.float32)
+  for c, (rows, cols) in enumerate(REGIONS):
+    w[rows, cols, 0, c] = 3.0
+  if backdoor:
+    w[PATCH[0], PATCH[1], 0, 2] = 30.0
+  return {"params": {"w": jnp.asarray(w), "b": jnp.zeros(CLASSES)}}
+
+
+def apply_fn(variables, x):
+  p = variables["params"]
+  return jnp.einsum("nhwc,hwck->nk", x, p["w"]) + p["b"]
+
+
+def images(n=200, seed=1):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0.0, 0.1, (n, H, W, 1)).astype(np.float32)
+  for i, c in enumerate(np.arange(n) % CLASSES):
+    x[i, REGIONS[c][0], REGIONS[c][1]] += 0.8
+  return x
+
+
+def test_one_step_matches_the_closed_form_gradient_of_a_linear_model():
+  v, x = linear_model(True), images(100)
+  delta = probe.universal_perturbation(apply_fn, v, x, bound=1.0, target=3, epochs=1)
+  w = np.asarray(v["params"]["w"]).reshape(-1, CLASSES)
+  p = jax.nn.softmax(apply_fn(v, jnp.asarray(x)))
+  # ∇_δ mean_i CE(f(x_i + δ), 3) = W (mean_i p_i − e_3); one step of length C/5 against it.
+  g = w @ (np.asarray(p).mean(0) - np.eye(CLASSES)[3])
+  expected = -0.2 * g / np.linalg.norm(g)
+  np.testing.assert_allclose(np.asarray(delta).ravel(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", [None, 1])
+def test_the_perturbation_stays_in_the_ball(target):
+  v, x = linear_model(True), images()
+  for bound in (0.3, 2.0):
+    delta = probe.universal_perturbation(apply_fn, v, x, bound=bound, target=target, epochs=3)
+    assert delta.shape == (H, W, 1)
+    assert float(jnp.linalg.norm(delta)) <= bound * (1 + 1e-5)
+
+
+def test_the_suspect_is_the_planted_target_and_its_probe_separates_the_models():
+  x = images()
+  found = probe.find_suspect(apply_fn, linear_model(True), x, bounds=(0.25, 0.5, 1.0))
+  assert found is not None and found["target"] == 2 and found["share"] >= 0.5
+  # Targeted towards class 2 the backdoored model falls at a radius the clean one resists.
+  bound = found["bound"]
+  bad = probe.targeted_success(apply_fn, linear_model(True), x, 2, bound=bound)
+  clean = probe.targeted_success(apply_fn, linear_model(False), x, 2, bound=bound)
+  assert bad >= 0.5 and clean <= 0.2, (bad, clean)
+  # The targeted δ found the patch: most of its energy lies on the patch's 4 of 36 pixels.
+  delta = np.asarray(probe.universal_perturbation(apply_fn, linear_model(True), x,
+                                                  bound=bound, target=2))
+  assert (delta[PATCH] ** 2).sum() / (delta ** 2).sum() > 0.9  # 4 of 64 pixels
+
+
+def test_a_clean_model_has_no_suspect_at_small_radii():
+  assert probe.find_suspect(apply_fn, linear_model(False), images(), bounds=(0.25, 0.5, 1.0)) \
+      is None
+
+
+def test_too_few_images_is_a_clear_error():
+  with pytest.raises(ValueError, match="at least one batch"):
+    probe.universal_perturbation(apply_fn, linear_model(True), images(50), bound=1.0)
+
+
+def _unlearn(select, **kw):
+  import ibau_jax
+  x = images(200)
+  y = np.arange(200) % CLASSES
+  seen = {}
+  config = ibau_jax.IBAUConfig(rounds=3, batch_size=50, inner_candidates=(), norm_bound=1.0,
+                               outer_lr=0.05, select=select, probe_bounds=(0.25, 0.5, 1.0),
+                               probe_images=100, callback=lambda r, s, v: seen.__setitem__(r, v),
+                               **kw)
+  result = ibau_jax.unlearn(apply_fn, linear_model(True), x, y.astype(np.int32), config,
+                            key=jax.random.PRNGKey(0))
+  return result, seen
+
+
+def test_unlearn_returns_the_round_with_the_lowest_probe():
+  result, seen = _unlearn("probe")
+  assert result.suspect["target"] == 2 and result.suspect["bound"] == 0.5
+  probes = [h["probe"] for h in result.history]
+  best = max(r for r, p in enumerate(probes) if p == min(probes))
+  assert result.selected_round == best
+  for a, b in zip(jax.tree_util.tree_leaves(result.variables),
+                  jax.tree_util.tree_leaves(seen[best])):
+    np.testing.assert_array_equal(a, b)
+  # Selection changes only what is returned: the rounds are those of select="last".
+  last, seen_last = _unlearn("last")
+  assert last.selected_round == 2 and last.suspect is None
+  assert [h["outer_loss"] for h in last.history] == [h["outer_loss"] for h in result.history]
+  for a, b in zip(jax.tree_util.tree_leaves(last.variables),
+                  jax.tree_util.tree_leaves(seen_last[2])):
+    np.testing.assert_array_equal(a, b)
+  # The probe is the targeted success of the returned model, recomputed by hand.
+  again = probe.targeted_success(apply_fn, result.variables, images(200)[:100], 2, bound=0.5,
+                                 batch_size=50)
+  assert again == pytest.approx(probes[best])
+
+
+@pytest.mark.parametrize("scores,selected", [([0.5, 0.2, 0.7], 1), ([0.3, 0.3, 0.4], 1),
+                                             ([0.9, 0.8, 0.1], 2)])
+def test_the_lowest_probe_wins_and_ties_go_to_the_later_round(monkeypatch, scores, selected):
+  calls = iter(scores)
+  monkeypatch.setattr(probe, "targeted_success", lambda *a, **k: next(calls))
+  result, seen = _unlearn("probe")
+  assert [h["probe"] for h in result.history] == scores
+  assert result.selected_round == selected
+  for a, b in zip(jax.tree_util.tree_leaves(result.variables),
+                  jax.tree_util.tree_leaves(seen[selected])):
+    np.testing.assert_array_equal(a, b)
+  # The rounds differ, so returning another round's variables would be caught.
+  assert not np.array_equal(seen[0]["params"]["w"], seen[2]["params"]["w"])
+
+
+@pytest.mark.parametrize("field,value", [("select", "best"), ("probe_bounds", ()),
+                                         ("probe_bounds", (1.0, -2.0)), ("probe_images", 0),
+                                         ("probe_min_share", 0.0), ("probe_epochs", 1.5)])
+def test_bad_probe_settings_are_rejected(field, value):
+  import ibau_jax
+  with pytest.raises(ValueError, match=field):
+    ibau_jax.IBAUConfig(**{field: value})
