@@ -36,6 +36,7 @@ import pathlib
 import sys
 import time
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +113,11 @@ def main(argv=None) -> int:
   parser.add_argument("--epochs", type=int, default=2)
   parser.add_argument("--signal-images", type=int, default=1000)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--save-dir", default=None,
+                      help="also write each round's variables there (round_<r>.msgpack), for "
+                           "studying further signals without rerunning the rounds")
+  parser.add_argument("--no-signals", action="store_true",
+                      help="only ACC / ASR / clean-set ACC (with --save-dir)")
   args = parser.parse_args(argv)
   if not args.data_dir:
     parser.error("--data-dir (or $IBAU_DATA_DIR) is required")
@@ -133,12 +139,19 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     m = metrics.evaluate(model.apply, v, eval_x, eval_y, attack.apply, info["target"])
     clean_acc = float(np.mean(_predict(model.apply, v, clean_x) == clean_y))
-    sig = signals(model.apply, v, sig_x, bounds, args.epochs, classes)
-    if not suspect:  # the class the first universal perturbation sends the most images to
+    if args.save_dir:
+      folder = pathlib.Path(args.save_dir)
+      folder.mkdir(parents=True, exist_ok=True)
+      files.atomic_write(folder / f"round_{r}.msgpack",
+                         flax.serialization.to_bytes(jax.device_get(v)))
+    sig = {} if args.no_signals else signals(model.apply, v, sig_x, bounds, args.epochs,
+                                             classes)
+    if not suspect and sig:  # the class the first universal perturbation sends most images to
       suspect.append(max(sig.values(), key=lambda s: s["top_share"])["top_class"])
-    sig.update(signals(model.apply, v, sig_x, bounds, args.epochs, classes, suspect[0]))
+    if suspect:
+      sig.update(signals(model.apply, v, sig_x, bounds, args.epochs, classes, suspect[0]))
     row = dict(round=r, acc=m["acc"], asr=m["asr"], ra=m["ra"], clean_acc=clean_acc,
-               suspect=suspect[0], signals=sig,
+               suspect=suspect[0] if suspect else None, signals=sig,
                **({k: stats[k] for k in ("inner_loss", "inner_choice", "residual_mean", "delta_norm",
                                          "seconds") if k in stats} if stats else {}))
     row["signal_seconds"] = time.perf_counter() - start

@@ -393,7 +393,7 @@ def poisoned_training_set(config: ExperimentConfig, attack_name: str, seed: int,
     return splits.train_x, splits.train_y, np.zeros(len(splits.train_y), bool)
   k_poison, _ = jax.random.split(jax.random.PRNGKey(seed))
   attack = make_attack(attack_name, config)
-  noise = 2 * config.poison_ratio if attack_name == "wanet" else 0.0
+  noise = attack.cross_ratio * config.poison_ratio if attack_name == "wanet" else 0.0
   x, y, mask = attacks.poison(splits.train_x, splits.train_y, attack,
                               effective_ratio(config, attack, splits.train_y),
                               key=k_poison, num_classes=DATASETS[config.dataset],

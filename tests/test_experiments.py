@@ -269,6 +269,22 @@ def test_attack_settings_reach_the_attack_and_the_model_cache_key(tmp_path, monk
       pipeline.config_from_args("cifar10", _args(TINY + bad))
 
 
+def test_wanet_cross_ratio_sets_the_number_of_noise_mode_images():
+  counts = []
+  for extra in ([], ["--set", "wanet.cross_ratio=1"], ["--set", "wanet.cross_ratio=0"]):
+    config = pipeline.config_from_args("cifar10", _args(TINY + extra))
+    splits = pipeline.load_splits(config, None)
+    x, _, mask = pipeline.poisoned_training_set(config, "wanet", 0, splits)
+    changed = np.any(x != splits.train_x, axis=(1, 2, 3))
+    counts.append((int(mask.sum()), int((changed & ~mask).sum())))
+  (p2, n2), (p1, n1), (p0, n0) = counts
+  assert p2 == p1 == p0 > 0  # the backdoor images do not change
+  # poison's noise_ratio counts all images: cross_ratio x poison_ratio x N of them.
+  n = len(splits.train_y)
+  assert n2 == round(2 * config.poison_ratio * n) and n1 == round(config.poison_ratio * n)
+  assert n0 == 0
+
+
 def test_clean_label_poisoning_counts_a_fraction_of_the_training_set():
   config = pipeline.config_from_args("cifar10", _args(TINY + ["--set", "train_size=400"]))
   splits = pipeline.load_splits(config, None)

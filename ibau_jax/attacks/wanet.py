@@ -174,6 +174,9 @@ class WaNet(Attack):
     strength: warping strength ``s`` (0.5); 0 is the identity.
     upsampling: ``"bicubic"`` (the paper's code) or ``"bilinear"``.
     seed: seed of the flow ``P``.
+    cross_ratio: noise-mode images per backdoor image when a data set is poisoned
+      (the paper's 2; the experiments pass ``cross_ratio * ratio`` as ``poison``'s
+      ``noise_ratio``).
   """
 
   name = "wanet"
@@ -182,6 +185,7 @@ class WaNet(Attack):
   strength: float = 0.5
   upsampling: str = "bicubic"
   seed: int = 0
+  cross_ratio: float = 2.0
 
   def __post_init__(self) -> None:
     super().__post_init__()
@@ -193,6 +197,8 @@ class WaNet(Attack):
                        f"{self.upsampling!r}")
     object.__setattr__(self, "seed", check_int(self.seed, "wanet", "seed",
                                                minimum=0))
+    object.__setattr__(self, "cross_ratio", check_float(self.cross_ratio, "wanet",
+                                                        "cross_ratio", low=0.0))
 
   def grid(self, height: int, width: int) -> np.ndarray:
     """The warping grid ``M``, ``(H, W, 2)`` float64 normalised coordinates."""
