@@ -77,6 +77,42 @@ def targeted(apply_fn, variables, images, target, bound, epochs, batch=100) -> f
   return float(np.mean(after[before != target] == target))
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _mask_step(apply_fn, variables, wts, opt_state, x, target, cost):
+  import optax
+  tx = optax.adam(0.1)
+
+  def loss(w):
+    mask, pattern = jax.nn.sigmoid(w[0]), jax.nn.sigmoid(w[1])
+    logits = apply_fn(variables, (1 - mask) * x + mask * pattern)
+    ce = jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, target])
+    return ce + cost * jnp.sum(mask)
+
+  g = jax.grad(loss)(wts)
+  updates, opt_state = tx.update(g, opt_state)
+  return optax.apply_updates(wts, updates), opt_state
+
+
+def mask_probe(apply_fn, variables, images, target, steps=300, cost=1e-2, batch=100) -> dict:
+  """A Neural-Cleanse-style trigger for ``target`` at a FIXED L1 cost: mask + pattern
+  minimising CE(target) + cost * |mask|_1 (Adam 0.1, ``steps`` batches); returns its mask
+  L1 norm and the share of images (not predicted ``target``) it sends to ``target``."""
+  import optax
+  h, w, c = images.shape[1:]
+  wts = (jnp.full((h, w, 1), -3.0), jnp.zeros((h, w, c)))
+  opt_state = optax.adam(0.1).init(wts)
+  n = len(images)
+  for s in range(steps):
+    i = (s * batch) % (n - batch + 1)
+    wts, opt_state = _mask_step(apply_fn, variables, wts, opt_state,
+                                jnp.asarray(images[i:i + batch]), target, cost)
+  mask, pattern = jax.nn.sigmoid(wts[0]), jax.nn.sigmoid(wts[1])
+  stamped = np.asarray((1 - mask) * images + mask * pattern)
+  before, after = _predict(apply_fn, variables, images), _predict(apply_fn, variables, stamped)
+  keep = before != target
+  return dict(l1=float(jnp.sum(mask)), success=float(np.mean(after[keep] == target)))
+
+
 def signals(apply_fn, variables, images, bounds, epochs, num_classes, suspect=None) -> dict:
   """The defender-side numbers above for one model (``images``: the signal subset)."""
   pseudo = _predict(apply_fn, variables, images)
@@ -85,6 +121,17 @@ def signals(apply_fn, variables, images, bounds, epochs, num_classes, suspect=No
     for bound in bounds:
       out[f"to_suspect_C{bound:g}"] = targeted(apply_fn, variables, images, suspect, bound,
                                                epochs)
+    return out
+  if isinstance(bounds, dict):  # the offline study: relative probes and the mask probe
+    suspect_class, others = bounds["suspect"], bounds["others"]
+    for bound in bounds["radii"]:
+      own = targeted(apply_fn, variables, images, suspect_class, bound, epochs)
+      rest = [targeted(apply_fn, variables, images, k, bound, epochs) for k in others]
+      out[f"C{bound:g}"] = dict(suspect=own, others=rest,
+                                relative=own / max(float(np.mean(rest)), 1e-3))
+    for cost in bounds["costs"]:
+      out[f"mask_cost{cost:g}"] = mask_probe(apply_fn, variables, images, suspect_class,
+                                             cost=cost)
     return out
   for bound in bounds:
     pgd = ibau_jax.IBAUConfig(norm_bound=bound, inner_optimizer="normalized",
@@ -118,6 +165,12 @@ def main(argv=None) -> int:
                            "studying further signals without rerunning the rounds")
   parser.add_argument("--no-signals", action="store_true",
                       help="only ACC / ASR / clean-set ACC (with --save-dir)")
+  parser.add_argument("--from-dir", default=None,
+                      help="offline: read round_<r>.msgpack from this folder (a --save-dir) "
+                           "and compute the relative and mask probes for each")
+  parser.add_argument("--suspect", type=int, default=None)
+  parser.add_argument("--others", default="", help="comma-separated classes to compare with")
+  parser.add_argument("--costs", default="0.01")
   args = parser.parse_args(argv)
   if not args.data_dir:
     parser.error("--data-dir (or $IBAU_DATA_DIR) is required")
@@ -164,6 +217,25 @@ def main(argv=None) -> int:
     files.atomic_write(out, json.dumps(dict(model=args.model, seed=args.seed, set=args.set,
                                             bounds=bounds, rows=rows), indent=1))
 
+  if args.from_dir:
+    study = dict(suspect=args.suspect, others=[int(k) for k in args.others.split(",") if k],
+                 radii=bounds, costs=[float(c) for c in args.costs.split(",")])
+    for path in sorted(pathlib.Path(args.from_dir).glob("round_*.msgpack"),
+                       key=lambda f: int(f.stem.split("_")[1])):
+      r = int(path.stem.split("_")[1])
+      v = flax.serialization.from_bytes(variables, path.read_bytes())
+      start = time.perf_counter()
+      m = metrics.evaluate(model.apply, v, eval_x, eval_y, attack.apply, info["target"])
+      sig = signals(model.apply, v, sig_x, study, args.epochs, classes)
+      rows.append(dict(round=r, acc=m["acc"], asr=m["asr"], signals=sig))
+      rounded = lambda x: ({k: rounded(y) for k, y in x.items()} if isinstance(x, dict) else
+                           [rounded(y) for y in x] if isinstance(x, list) else round(x, 3))
+      print(f"round {r}: ACC {m['acc']:.2%} ASR {m['asr']:.2%} | " + "; ".join(
+          f"{k}: {rounded(v_)}" for k, v_ in sig.items())
+          + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+      files.atomic_write(out, json.dumps(dict(model=args.model, study=study, rows=rows),
+                                         indent=1))
+    return 0
   record(-1, variables)
   config = ro._config("default", ro._parse_overrides(args.set)).replace(
       callback=lambda r, stats, v: record(r, v, stats))

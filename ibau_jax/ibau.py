@@ -126,8 +126,12 @@ class IBAUConfig:
       ``"python"``: one compiled program per step, looped over in Python (faster on CPU, where
       XLA runs convolution gradients inside loops slowly); ``"auto"``: python on CPU, scan on
       GPU/TPU.  Both give the same result.
-    select: which round's variables :func:`unlearn` returns.  ``"last"``: the last round's
-      (the paper).  ``"probe"``: before the first round, :func:`ibau_jax.probe.find_suspect`
+    select: which variables :func:`unlearn` returns.  ``"last"``: the last round's (the
+      paper).  ``"average"``: the uniform average of the parameters after rounds
+      ``average_from`` .. ``rounds - 1`` (the rounds themselves run as with ``"last"``;
+      only the returned parameters differ, as in stochastic weight averaging).  The ASR
+      of single rounds jumps up and down from round to round (docs/results.md); their
+      average smooths that out.  ``"probe"``: before the first round, :func:`ibau_jax.probe.find_suspect`
       looks on the first ``probe_images`` clean images for a class that a small universal
       perturbation sends most images to (radii ``probe_bounds``, smallest first); after
       every round, :func:`ibau_jax.probe.targeted_success` measures the share of those
@@ -136,6 +140,7 @@ class IBAUConfig:
       later one on ties).  A backdoor can come back in a later round (docs/results.md);
       this share tracks the real trigger's ASR without knowing the trigger.  With no
       suspect, the last round is returned.
+    average_from: the first round in the average of ``select="average"``.
     probe_bounds: L2 radii tried, smallest first, for the suspect class.
     probe_images: clean images used by the probes (the first ones; at most all of them,
       at least ``batch_size``).
@@ -170,6 +175,7 @@ class IBAUConfig:
   outer_lr_decay: float = 1.0
   loop: str = "auto"
   select: str = "last"
+  average_from: int = 0
   probe_bounds: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
   probe_images: int = 1000
   probe_epochs: int = 2
@@ -187,8 +193,13 @@ class IBAUConfig:
 
     for name in ("rounds", "batch_size", "inner_epochs", "probe_images", "probe_epochs"):
       positive(name, True)
-    if self.select not in ("last", "probe"):
-      raise ValueError(f"IBAUConfig.select must be 'last' or 'probe', got {self.select!r}")
+    if self.select not in ("last", "average", "probe"):
+      raise ValueError(f"IBAUConfig.select must be 'last', 'average' or 'probe', "
+                       f"got {self.select!r}")
+    if isinstance(self.average_from, bool) or not isinstance(
+        self.average_from, (int, np.integer)) or not 0 <= self.average_from < self.rounds:
+      raise ValueError(f"IBAUConfig.average_from must be an integer in [0, rounds), "
+                       f"got {self.average_from!r}")
     if not isinstance(self.probe_bounds, tuple) or not self.probe_bounds or any(
         isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0
         or not math.isfinite(b) for b in self.probe_bounds):
@@ -280,7 +291,8 @@ class UnlearnResult:
       ``select="probe"``, ``probe`` (the suspect's targeted success share) and
       ``probe_seconds``.
     perturbation: the last round's δ, shape ``(H, W, C)``.
-    selected_round: the round whose variables were returned.
+    selected_round: the round whose variables were returned (None for
+      ``select="average"``).
     suspect: with ``select="probe"``, :func:`ibau_jax.probe.find_suspect`'s result on the
       input model (None: no suspect class, or ``select="last"``).
   """
@@ -288,7 +300,7 @@ class UnlearnResult:
   variables: PyTree
   history: list[dict]
   perturbation: jax.Array
-  selected_round: int = -1
+  selected_round: Optional[int] = -1
   suspect: Optional[dict] = None
 
 
@@ -755,7 +767,7 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
   opt_state = _make_optimizer(config.outer_optimizer, config.outer_lr).init(params)
   history = []
   delta = jnp.zeros(images.shape[1:], images.dtype)
-  suspect, best = None, None
+  suspect, best, total = None, None, None
   if config.select == "probe":
     from ibau_jax import probe  # pylint: disable=import-outside-toplevel
     probe_x = np.asarray(images[:max(config.batch_size, config.probe_images)])
@@ -787,12 +799,17 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
       entry["probe_seconds"] = time.perf_counter() - start
       if best is None or entry["probe"] <= best[1]:
         best = (r, entry["probe"], params)
+    if config.select == "average" and r >= config.average_from:
+      total = params if total is None else jax.tree_util.tree_map(jnp.add, total, params)
     history.append(entry)
     if config.callback is not None:
       config.callback(r, dict(entry), {"params": params, **rest})
   selected = config.rounds - 1
   if best is not None:
     selected, _, params = best
+  if total is not None:
+    count = config.rounds - config.average_from
+    selected, params = None, jax.tree_util.tree_map(lambda t: t / count, total)
   return UnlearnResult(variables={**variables, "params": params} if isinstance(variables, dict)
                        else type(variables)({**variables, "params": params}),
                        history=history, perturbation=delta, selected_round=selected,

@@ -143,3 +143,18 @@ def test_bad_probe_settings_are_rejected(field, value):
   import ibau_jax
   with pytest.raises(ValueError, match=field):
     ibau_jax.IBAUConfig(**{field: value})
+
+
+def test_select_average_returns_the_mean_of_the_rounds_parameters():
+  for start in (0, 1):
+    result, seen = _unlearn("average", average_from=start)
+    assert result.selected_round is None
+    for leaf, *rounds in zip(jax.tree_util.tree_leaves(result.variables),
+                             *[jax.tree_util.tree_leaves(seen[r]) for r in range(start, 3)]):
+      np.testing.assert_allclose(leaf, np.mean(np.stack(rounds), 0), rtol=1e-6, atol=1e-7)
+  last, _ = _unlearn("last")
+  assert [h["outer_loss"] for h in last.history] == [h["outer_loss"] for h in result.history]
+  import ibau_jax
+  for bad in (-1, 3, 1.0):
+    with pytest.raises(ValueError, match="average_from"):
+      ibau_jax.IBAUConfig(rounds=3, average_from=bad)
