@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -24,28 +23,20 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from ibau_jax import data as data_lib  # noqa: E402
 from ibau_jax import metrics  # noqa: E402
-from ibau_jax.models import get_model  # noqa: E402
-from ibau_jax.models import torch_import  # noqa: E402
 from experiments import reproduce_official as ro  # noqa: E402
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data-dir", default=os.environ.get(data_lib.DATA_DIR_ENV))
-  parser.add_argument("--reference-dir", default="../shared/reference/ibau_official")
-  parser.add_argument("--model", default="badnets_8_02", choices=ro.MODELS)
+  ro.add_model_args(parser)
   parser.add_argument("--rounds-dir", required=True)
   parser.add_argument("--sets", default="1-4", help="comma-separated first-last round ranges")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
-  reference = pathlib.Path(args.reference_dir)
-  info = json.loads((reference / "models.json").read_text())[args.model]
-  _, _, eval_x, eval_y = ro._split(info["dataset"], args.data_dir, 5000)
-  model = get_model("small_vgg16", 10 if info["dataset"] == "cifar10" else 43)
-  template = torch_import.load_torch_state(reference / f"{args.model}.npz", "small_vgg16")
-  attack = ro._attack(info, reference)
+  m = ro.load_model(args)
+  info, eval_x, eval_y, model, attack = m.info, m.eval_x, m.eval_y, m.model, m.attack
+  template = m.variables
   folder = pathlib.Path(args.rounds_dir)
   saved = {int(f.stem.split("_")[1]): flax.serialization.from_bytes(template, f.read_bytes())
            for f in folder.glob("round_*.msgpack")}

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import pathlib
 import sys
 import time
@@ -44,11 +43,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import ibau_jax  # noqa: E402
-from ibau_jax import data as data_lib  # noqa: E402
 from ibau_jax import files  # noqa: E402
 from ibau_jax import metrics  # noqa: E402
-from ibau_jax.models import get_model  # noqa: E402
-from ibau_jax.models import torch_import  # noqa: E402
 from benchmarks.trigger_probe import _predict, solve  # noqa: E402
 from experiments import reproduce_official as ro  # noqa: E402
 
@@ -150,9 +146,7 @@ def signals(apply_fn, variables, images, bounds, epochs, num_classes, suspect=No
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data-dir", default=os.environ.get(data_lib.DATA_DIR_ENV))
-  parser.add_argument("--reference-dir", default="../shared/reference/ibau_official")
-  parser.add_argument("--model", default="badnets_8_02", choices=ro.MODELS)
+  ro.add_model_args(parser)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="IBAUConfig field on top of the default (as in reproduce_official)")
@@ -172,15 +166,9 @@ def main(argv=None) -> int:
   parser.add_argument("--others", default="", help="comma-separated classes to compare with")
   parser.add_argument("--costs", default="0.01")
   args = parser.parse_args(argv)
-  if not args.data_dir:
-    parser.error("--data-dir (or $IBAU_DATA_DIR) is required")
-  reference = pathlib.Path(args.reference_dir)
-  info = json.loads((reference / "models.json").read_text())[args.model]
-  clean_x, clean_y, eval_x, eval_y = ro._split(info["dataset"], args.data_dir, 5000)
-  classes = 10 if info["dataset"] == "cifar10" else 43
-  model = get_model("small_vgg16", classes)
-  variables = torch_import.load_torch_state(reference / f"{args.model}.npz", "small_vgg16")
-  attack = ro._attack(info, reference)
+  m = ro.load_model(args)
+  info, classes, model, variables, attack = m.info, m.classes, m.model, m.variables, m.attack
+  clean_x, clean_y, eval_x, eval_y = m.clean_x, m.clean_y, m.eval_x, m.eval_y
   bounds = [float(c) for c in args.bounds.split(",")]
   sig_x = clean_x[:args.signal_images]
   out = pathlib.Path(args.out)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -31,32 +30,22 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from ibau_jax import data as data_lib  # noqa: E402
 from ibau_jax import metrics  # noqa: E402
-from ibau_jax.models import get_model  # noqa: E402
-from ibau_jax.models import torch_import  # noqa: E402
 from experiments import reproduce_official as ro  # noqa: E402
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data-dir", default=os.environ.get(data_lib.DATA_DIR_ENV))
-  parser.add_argument("--reference-dir", default="../shared/reference/ibau_official")
-  parser.add_argument("--model", default="badnets_8_02", choices=ro.MODELS)
+  ro.add_model_args(parser)
   parser.add_argument("--lr", type=float, default=1e-4)
   parser.add_argument("--fraction", type=float, default=0.2)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--bounds", default="3,5", help="L2 radii C of the PGD variants")
   parser.add_argument("--out", default="runs/trigger_unlearning.json")
   args = parser.parse_args(argv)
-  if not args.data_dir:
-    parser.error("--data-dir (or $IBAU_DATA_DIR) is required")
-  reference = pathlib.Path(args.reference_dir)
-  info = json.loads((reference / "models.json").read_text())[args.model]
-  clean_x, clean_y, eval_x, eval_y = ro._split(info["dataset"], args.data_dir, 5000)
-  model = get_model("small_vgg16", 10 if info["dataset"] == "cifar10" else 43)
-  variables = torch_import.load_torch_state(reference / f"{args.model}.npz", "small_vgg16")
-  attack = ro._attack(info, reference)
+  m = ro.load_model(args)
+  info, model, variables, attack = m.info, m.model, m.variables, m.attack
+  clean_x, clean_y, eval_x, eval_y = m.clean_x, m.clean_y, m.eval_x, m.eval_y
   rest = {k: x for k, x in variables.items() if k != "params"}
   n, bsz = len(clean_y) // 100 * 100, 100
   stamped = int(round(args.fraction * bsz))

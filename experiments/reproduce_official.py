@@ -31,6 +31,7 @@ import os
 import pathlib
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -69,6 +70,30 @@ def _attack(info: dict, reference_dir: pathlib.Path):
     return badnets_lib.BadNets(target=info["target"])
   return l0_inv_lib.from_files(reference_dir / "mask.npy", reference_dir / "l0_inv.png",
                                target=info["target"])
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+  """The options the benchmarks on one official model share."""
+  parser.add_argument("--data-dir", default=os.environ.get(data_lib.DATA_DIR_ENV))
+  parser.add_argument("--reference-dir", default="../shared/reference/ibau_official")
+  parser.add_argument("--model", default="badnets_8_02", choices=MODELS)
+
+
+def load_model(args: argparse.Namespace, clean_size: int = 5000) -> types.SimpleNamespace:
+  """One official model with this module's clean / evaluation split: ``info``, ``clean_x``,
+  ``clean_y``, ``eval_x``, ``eval_y``, ``classes``, ``model`` (Flax), ``variables``,
+  ``attack``, ``reference`` (for the benchmarks; options from :func:`add_model_args`)."""
+  if not args.data_dir:
+    raise SystemExit("--data-dir (or $IBAU_DATA_DIR) is required")
+  reference = pathlib.Path(args.reference_dir)
+  info = json.loads((reference / "models.json").read_text())[args.model]
+  clean_x, clean_y, eval_x, eval_y = _split(info["dataset"], args.data_dir, clean_size)
+  classes = 10 if info["dataset"] == "cifar10" else 43
+  return types.SimpleNamespace(
+      info=info, clean_x=clean_x, clean_y=clean_y, eval_x=eval_x, eval_y=eval_y,
+      classes=classes, model=get_model("small_vgg16", classes), reference=reference,
+      variables=torch_import.load_torch_state(reference / f"{args.model}.npz", "small_vgg16"),
+      attack=_attack(info, reference))
 
 
 def _config(name: str, overrides: dict) -> ibau_jax.IBAUConfig:
