@@ -444,6 +444,7 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
     variables = flax.serialization.from_bytes(template, final.read_bytes())
     log(f"  model: reused {folder.name} (trained in {info['train_seconds'] / 60:.1f} min)")
     return variables, info
+  files.remove_temporaries(folder)  # a training killed while writing its results
   key = jax.random.PRNGKey(seed)
   _, k_train = jax.random.split(key)
   start = time.perf_counter()
@@ -759,6 +760,11 @@ def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
   workdir.mkdir(parents=True, exist_ok=True)
   model_dir = pathlib.Path(model_dir) if model_dir is not None else workdir / "models"
   _check_workdir(config, workdir)
+  # Reports and cells are written by this process alone (model folders, which other sweeps
+  # may share, are cleaned by the training that resumes them).
+  files.remove_temporaries(workdir)
+  files.remove_temporaries(workdir / "cells")
+  files.remove_temporaries(workdir / "plots")
   if not config.synthetic:
     from ibau_jax import data as data_lib
     data_dir = data_dir or os.environ.get(data_lib.DATA_DIR_ENV)

@@ -25,3 +25,19 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def remove_temporaries(folder: str | os.PathLike, recursive: bool = False) -> int:
+  """Deletes the temporary files that :func:`atomic_write` leaves behind when its process is
+  killed between writing and renaming (``.<name>.<random>.tmp``; nothing else is touched).
+  Safe only when no other process is writing in ``folder``.  Returns how many went."""
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    return 0
+  found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+  count = 0
+  for path in found:
+    if path.is_file():
+      path.unlink(missing_ok=True)
+      count += 1
+  return count

@@ -558,6 +558,7 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
   ckpt_dir = None
   if checkpoint_dir is not None:
     ckpt_dir = pathlib.Path(checkpoint_dir)
+    files.remove_temporaries(ckpt_dir)  # left by a run killed in the middle of a write
     config_path = ckpt_dir / CONFIG_FILENAME
     if config_path.is_file():
       saved = TrainConfig.from_dict(json.loads(config_path.read_text()))

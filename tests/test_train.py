@@ -337,3 +337,24 @@ def test_four_devices_match_one_device(tmp_path):
   assert len(leaves) == len(four.files)
   for p, v in leaves:
     np.testing.assert_allclose(four[jax.tree_util.keystr(p)], v, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_training_removes_the_temporaries_of_a_killed_write(tmp_path):
+  from ibau_jax import files
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  stale = [ckpt / ".config.json.ab12cd.tmp", ckpt / ".epoch_1.msgpack.x9.tmp"]
+  kept = [ckpt / "notes.tmp", ckpt / ".hidden"]
+  for path in stale + kept:
+    path.write_text("partial")
+  x, y = make_data(32)
+  train.fit(TinyNet(), x, y, base_config(epochs=1, batch_size=16), key=jax.random.PRNGKey(0),
+            checkpoint_dir=ckpt)
+  assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+  assert not list(ckpt.glob(".*.tmp"))
+  # Recursive removal reaches sub-folders; a missing folder is nothing to do.
+  (tmp_path / "a" / "b").mkdir(parents=True)
+  (tmp_path / "a" / "b" / ".r.json.q.tmp").write_text("x")
+  assert files.remove_temporaries(tmp_path / "a") == 0
+  assert files.remove_temporaries(tmp_path / "a", recursive=True) == 1
+  assert files.remove_temporaries(tmp_path / "missing") == 0
