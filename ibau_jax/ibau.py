@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 from ibau_jax import hypergrad
+from ibau_jax import probe
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -130,15 +131,17 @@ class IBAUConfig:
       paper).  ``"average"``: the uniform average of the parameters after rounds
       ``average_from`` .. ``rounds - 1`` (the rounds themselves run as with ``"last"``;
       only the returned parameters differ, as in stochastic weight averaging).  The ASR
-      of single rounds jumps up and down from round to round (docs/results.md); their
-      average smooths that out.  ``"probe"``: before the first round, :func:`ibau_jax.probe.find_suspect`
-      looks on the first ``probe_images`` clean images for a class that a small universal
-      perturbation sends most images to (radii ``probe_bounds``, smallest first); after
-      every round, :func:`ibau_jax.probe.targeted_success` measures the share of those
-      images that a universal perturbation of the suspect's radius sends to that class (in
-      the history as ``probe``), and the round with the lowest share is returned (the
-      later one on ties).  A backdoor can come back in a later round (docs/results.md);
-      this share tracks the real trigger's ASR without knowing the trigger.  With no
+      of single rounds jumps up and down from round to round; the average smooths that
+      out where most rounds are low, but keeps a backdoor that came back in some of them
+      (docs/results.md).  ``"probe"``: before the first round,
+      :func:`ibau_jax.probe.find_suspect` looks on the first ``probe_images`` clean images
+      for a class that a small universal perturbation sends most images to (radii
+      ``probe_bounds``, smallest first); after every round,
+      :func:`ibau_jax.probe.targeted_success` measures the share of those images that a
+      universal perturbation of the suspect's radius sends to that class (in the history
+      as ``probe``), and the round with the lowest share is returned (the later one on
+      ties).  On the paper's GTSRB BadNets model this share ranked the rounds as the real
+      trigger's ASR did; on its CIFAR-10 model it did not (docs/results.md).  With no
       suspect, the last round is returned.
     average_from: the first round in the average of ``select="average"``.
     probe_bounds: L2 radii tried, smallest first, for the suspect class.
@@ -769,7 +772,6 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
   delta = jnp.zeros(images.shape[1:], images.dtype)
   suspect, best, total = None, None, None
   if config.select == "probe":
-    from ibau_jax import probe  # pylint: disable=import-outside-toplevel
     probe_x = np.asarray(images[:max(config.batch_size, config.probe_images)])
     probe_kw = dict(epochs=config.probe_epochs, batch_size=config.batch_size)
     suspect = probe.find_suspect(apply_fn, variables, probe_x, bounds=config.probe_bounds,
