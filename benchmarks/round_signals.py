@@ -45,32 +45,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import ibau_jax  # noqa: E402
 from ibau_jax import files  # noqa: E402
 from ibau_jax import metrics  # noqa: E402
+from ibau_jax import probe  # noqa: E402
 from benchmarks.trigger_probe import _predict, solve  # noqa: E402
 from experiments import reproduce_official as ro  # noqa: E402
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _targeted_step(apply_fn, variables, delta, x, target, step, bound):
-  """One normalised L2 PGD step towards ``target`` (minimising its CE), projected."""
-  def loss(d):
-    logits = apply_fn(variables, x + d)
-    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, target])
-  g = jax.grad(loss)(delta)
-  delta = delta - step * g / (jnp.linalg.norm(g) + 1e-12)
-  return delta * jnp.minimum(1.0, bound / (jnp.linalg.norm(delta) + 1e-12))
-
-
-def targeted(apply_fn, variables, images, target, bound, epochs, batch=100) -> float:
-  """Share of ``images`` not already predicted ``target`` that a universal L2 perturbation
-  of norm ``bound`` (PGD towards ``target``, ``epochs`` passes) sends to ``target``."""
-  delta = jnp.zeros(images.shape[1:], jnp.float32)
-  for _ in range(epochs):
-    for i in range(0, len(images) - batch + 1, batch):
-      delta = _targeted_step(apply_fn, variables, delta, images[i:i + batch], target,
-                             bound / 5, bound)
-  before = _predict(apply_fn, variables, images)
-  after = _predict(apply_fn, variables, images + np.asarray(delta))
-  return float(np.mean(after[before != target] == target))
+def targeted(apply_fn, variables, images, target, bound, epochs) -> float:
+  """:func:`ibau_jax.probe.targeted_success` with batches of 100."""
+  return probe.targeted_success(apply_fn, variables, images, target, bound=bound,
+                                epochs=epochs)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -412,7 +412,8 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
   from ibau_jax import train as train_lib
 
   # Settings of the test-time trigger only (SIG's test_delta) do not change the model.
-  evaluation_only = type(make_attack(attack_name, config)).evaluation_fields
+  attack = make_attack(attack_name, config)
+  evaluation_only = type(attack).evaluation_fields
   training_settings = {k: v for k, v in
                        config.attack_settings.get(_registered(attack_name), {}).items()
                        if k not in evaluation_only}
@@ -426,7 +427,7 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
               **({"attack_settings": training_settings}
                  if attack_name != "clean" and training_settings else {}),
               **({"clean_label_ratio": "of the training set"}
-                 if getattr(make_attack(attack_name, config), "clean_label", False) else {}),
+                 if getattr(attack, "clean_label", False) else {}),
               **({"augment_triggered": False,
                   # WaNet's noise-mode images were first left un-augmented too.
                   **({"noise_mode_augmented": True} if attack_name == "wanet" else {})}
