@@ -15,8 +15,11 @@ writes ``comparison.md`` / ``comparison.json`` in ``<workdir>``:
 * the ratio of the fastest baseline's time to I-BAU's time per row and its median (the
   I-BAU paper reports the fastest baseline at least 13 times slower than I-BAU).
 
-Resumable like every sweep: rerun the same command after an interruption.  With 100 clean
-images the batch sizes of the defenses are capped at 100 (``--set`` can override).
+Resumable like every sweep: rerun the same command after an interruption.  With fewer
+than 128 clean images the batch sizes of the defenses are capped (I-BAU and fine-tuning at
+the clean-set size, the others at 64; ``--set`` can override).  DP-SGD uses no clean set (it
+retrains on the poisoned training set), so its cells run in the first size's sweep and are
+copied to the others (marked ``shared_from``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,27 @@ from experiments import pipeline
 from ibau_jax import files
 
 DEFAULT_ATTACKS = ("badnets", "blend", "trojan_wm", "wanet", "sig")
+
+# Defenses that do not use the defender's clean set (DP-SGD retrains on the poisoned
+# training set): their cells are the same for every clean-set size, so they run once.
+NO_CLEAN_SET = ("dp",)
+
+
+def share_cells(source: pathlib.Path, dest: pathlib.Path, defenses: Sequence[str]) -> list[str]:
+  """Copies the finished cells of ``defenses`` from sweep folder ``source`` to ``dest``
+  where ``dest`` lacks them (marked ``shared_from``); returns the copied file names."""
+  copied = []
+  if not (source / "cells").is_dir():
+    return copied
+  for path in sorted((source / "cells").glob("*.json")):
+    cell = json.loads(path.read_text())
+    target = dest / "cells" / path.name
+    if cell.get("defense") in defenses and not target.exists():
+      target.parent.mkdir(parents=True, exist_ok=True)
+      cell.setdefault("shared_from", source.name)
+      files.atomic_write(target, json.dumps(cell))
+      copied.append(path.name)
+  return copied
 
 
 def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dict], str]:
@@ -99,17 +123,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   workdir = pathlib.Path(args.workdir or f"runs/compare_{args.dataset}_{args.preset}")
   model_dir = args.model_dir or f"runs/models_{args.dataset}_{args.preset}"
   report, markdown = {}, []
-  for size in sizes:
+  for i, size in enumerate(sizes):
     extra = [f"clean_size={size}"]
     if size < 128:
-      # Every batch must fit in the clean set.
+      # Every batch must fit in the clean set (DP-SGD's batches come from the poisoned
+      # training set instead).
+      # All registered defenses get the cap, so that adding a defense to the sweep later
+      # resumes it (the settings do not depend on the list).
       extra += [f"ibau.batch_size={size}", f"ft.batch_size={size}"] + [
-          f"{d}.batch_size={min(size, 64)}" for d in defenses
-          if d not in ("ibau", "ft", "none")]
+          f"{d}.batch_size={min(size, 64)}" for d in pipeline.defense_names()
+          if d not in ("ibau", "ft", "none") + NO_CLEAN_SET]
     sweep = argparse.Namespace(attack=args.attacks, defense=",".join(defenses),
                                seeds=args.seeds, preset=args.preset, set=extra + args.set)
     try:
       config = pipeline.config_from_args(args.dataset, sweep)
+      pipeline.check_workdir(config, workdir / f"clean{size}")  # before copying cells in
+      for earlier in sizes[:i]:
+        share_cells(workdir / f"clean{earlier}", workdir / f"clean{size}", NO_CLEAN_SET)
       cells = pipeline.run(config, workdir / f"clean{size}", data_dir=args.data_dir,
                            model_dir=model_dir, progress=not args.no_progress)
     except ValueError as e:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import copy
 import dataclasses
 import hashlib
 import io
@@ -224,6 +225,24 @@ def attack_names() -> list[str]:
   return sorted(attacks.attack_names()) + list(EXTRA_ATTACKS)
 
 
+# The ``cpu`` preset's budgets for the baseline defenses (their papers' step counts are
+# sized for GPUs).  Measured on the project's 2-core CPU with small-VGG16 on CIFAR-10,
+# 100 clean images, batch 64, the machine shared by two jobs (alone: about half):
+# Neural Cleanse 5.5 s per step (ten classes at once), TABOR 11 s, ANP 1.8 s per
+# iteration, DeepInspect's generator 1.5 s per step, DP-SGD 11 s per batch of 128
+# (per-example gradients); Fine-Pruning, NAD and fine-tuning take seconds at 100 images.
+# With these settings each baseline takes about 4-8 minutes per model alone on the
+# machine (DP-SGD: about 30 minutes for its one epoch over 45,000 images), where the
+# defaults would take 45 minutes (NC), 90 (TABOR) and 5 hours (DP-SGD, 10 epochs).
+CPU_DEFENSE_SETTINGS = {
+    "nc": {"steps": 200, "batch_size": 32},
+    "tabor": {"steps": 100, "batch_size": 32},
+    "anp": {"iterations": 300},
+    "deepinspect": {"generator_steps": 200},
+    "dp": {"epochs": 1},
+}
+
+
 def preset(name: str, dataset: str) -> ExperimentConfig:
   """The named preset for ``dataset``.
 
@@ -231,7 +250,8 @@ def preset(name: str, dataset: str) -> ExperimentConfig:
     (widths 8, 16, 32), 2 training epochs and 1 I-BAU round: about a minute on 2 CPU cores,
     for checking that everything runs.
   * ``cpu``: the 2-core CPU budget: small-VGG16 without dropout trained with the CPU
-    training preset (:data:`ibau_jax.train.CPU_PRESET`), then the default I-BAU.  Runtime
+    training preset (:data:`ibau_jax.train.CPU_PRESET`), then the default I-BAU; the
+    baseline defenses run with fewer steps (:data:`CPU_DEFENSE_SETTINGS`).  Runtime
     of one (attack, ibau) cell on 2 CPU cores, measured (docs/results.md): CIFAR-10 at most
     35 minutes (training 13.5 minutes alone on the machine, 18 shared; I-BAU 5 rounds and
     evaluation 16 minutes shared); GTSRB at most 20 minutes (19.3 end to end, shared).
@@ -259,7 +279,8 @@ def preset(name: str, dataset: str) -> ExperimentConfig:
     return ExperimentConfig(dataset=dataset, preset=name, target=target, poison_ratio=0.1,
                             train_size=train_size, clean_size=5000,
                             model_options={"dropout_rates": [0.0, 0.0, 0.0]},
-                            train=train_lib.CPU_PRESET.to_dict())
+                            train=train_lib.CPU_PRESET.to_dict(),
+                            defense_settings=copy.deepcopy(CPU_DEFENSE_SETTINGS))
   return ExperimentConfig(dataset=dataset, preset=name, target=target, poison_ratio=0.1,
                           train_size=train_size, clean_size=5000,
                           train=train_lib.PAPER_PRESET.to_dict())
@@ -735,17 +756,27 @@ def _with_defaults(saved: dict) -> dict:
   return json.loads(json.dumps(out))
 
 
-def _check_workdir(config: ExperimentConfig, workdir: pathlib.Path) -> None:
+# Fields that say which cells a sweep has, not what a cell holds: a work directory can be
+# resumed with more (or fewer) attacks, defenses or seeds.
+SWEEP_EXTENT = ("attacks", "defenses", "seeds")
+
+
+def check_workdir(config: ExperimentConfig, workdir: pathlib.Path) -> None:
+  """Raises ValueError if ``workdir`` holds results of another configuration (any field
+  but the sweep's extent, :data:`SWEEP_EXTENT`, differs); records ``config`` there
+  (``config.json``) otherwise."""
   path = workdir / "config.json"
+  current = config.to_dict()
   if path.is_file():
     saved = _with_defaults(json.loads(path.read_text()))
-    if saved != config.to_dict():
-      diff = sorted(k for k in set(saved) | set(config.to_dict())
-                    if saved.get(k) != config.to_dict().get(k))
+    diff = sorted(k for k in set(saved) | set(current)
+                  if saved.get(k) != current.get(k) and k not in SWEEP_EXTENT)
+    if diff:
       raise ValueError(f"work directory {workdir} holds results of a different configuration "
                        f"(fields {diff} differ); use another --workdir or the same settings")
-  else:
-    files.atomic_write(path, json.dumps(config.to_dict(), indent=1))
+    if saved == current:
+      return
+  files.atomic_write(path, json.dumps(current, indent=1))
 
 
 def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
@@ -760,7 +791,7 @@ def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   model_dir = pathlib.Path(model_dir) if model_dir is not None else workdir / "models"
-  _check_workdir(config, workdir)
+  check_workdir(config, workdir)
   # Reports and cells are written by this process alone (model folders, which other sweeps
   # may share, are cleaned by the training that resumes them).
   files.remove_temporaries(workdir)

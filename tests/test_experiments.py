@@ -126,12 +126,28 @@ def test_missing_data_dir_and_changed_config_are_refused(tmp_path, capsys):
   assert code == 2 and "does not exist" in capsys.readouterr().err
   workdir = tmp_path / "w2"
   config = pipeline.config_from_args("cifar10", _args(TINY + ["--attack", "badnets"]))
-  pipeline._check_workdir(config, workdir.mkdir() or workdir)
+  pipeline.check_workdir(config, workdir.mkdir() or workdir)
   code = cifar10.main(TINY + ["--attack", "badnets", "--set", "poison_ratio=0.2",
                               "--workdir", str(workdir)])
   err = capsys.readouterr().err
   assert code == 2 and "different configuration" in err and "poison_ratio" in err
 
+
+
+def test_a_work_directory_takes_more_attacks_defenses_and_seeds(tmp_path):
+  # Cells are per (attack, defense, seed): widening the sweep resumes it, and the
+  # recorded config follows; any other field still refuses.
+  narrow = pipeline.config_from_args("cifar10", _args(TINY + ["--attack", "badnets"]))
+  wide = pipeline.config_from_args("cifar10", _args(
+      TINY + ["--attack", "badnets,blend", "--defense", "ibau,ft", "--seeds", "0,1"]))
+  pipeline.check_workdir(narrow, tmp_path)
+  pipeline.check_workdir(wide, tmp_path)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["attacks"] == ["badnets", "blend"] and saved["seeds"] == [0, 1]
+  pipeline.check_workdir(narrow, tmp_path)
+  changed = pipeline.ExperimentConfig.from_dict({**wide.to_dict(), "target": 3})
+  with pytest.raises(ValueError, match=r"\['target'\]"):
+    pipeline.check_workdir(changed, tmp_path)
 
 def _args(argv):
   import argparse
@@ -307,10 +323,10 @@ def test_work_directory_from_before_a_new_config_field_still_resumes(tmp_path):
   old = config.to_dict()
   del old["augment_triggered"]  # a work directory written before the field existed
   (tmp_path / "config.json").write_text(json.dumps(old))
-  pipeline._check_workdir(config, tmp_path)  # the default value: the same configuration
+  pipeline.check_workdir(config, tmp_path)  # the default value: the same configuration
   changed = pipeline.ExperimentConfig.from_dict({**config.to_dict(), "augment_triggered": False})
   with pytest.raises(ValueError, match=r"augment_triggered"):
-    pipeline._check_workdir(changed, tmp_path)
+    pipeline.check_workdir(changed, tmp_path)
 
 
 def test_every_registered_defense_has_settings_from_the_command_line():
@@ -344,6 +360,29 @@ def test_comparison_table_cells_and_time_ratio():
   assert "Median ratio of the fastest baseline's time to I-BAU's: 9.0 (over 2 rows)" in markdown
 
 
+
+def test_comparison_runs_dp_once_for_all_clean_set_sizes(tmp_path, capsys):
+  # DP-SGD retrains on the poisoned training set: its cell cannot depend on the clean set,
+  # so the second size's sweep copies it, and its batch size is not capped at the clean set.
+  argv = ["--preset", "smoke", "--attacks", "badnets", "--defenses", "dp",
+          "--clean-sizes", "100,50", "--workdir", str(tmp_path / "w"), "--no-progress",
+          "--model-dir", str(tmp_path / "models")] + sum(
+              (["--set", s] for s in ["train_size=200", "eval_size=100", "model_widths=[4,8,8]",
+                                      "train.epochs=1", "train.batch_size=50", "dp.epochs=1"]),
+              [])
+  assert compare_defenses.main(argv) == 0
+  out = capsys.readouterr().out
+  assert out.count("badnets / dp / seed 0: done earlier") == 1
+  first, second = (json.loads((tmp_path / "w" / f"clean{n}" / "cells" /
+                               "badnets__dp__seed0.json").read_text()) for n in (100, 50))
+  assert second.pop("shared_from") == "clean100" and "shared_from" not in first
+  assert second == first
+  for n in (100, 50):
+    config = json.loads((tmp_path / "w" / f"clean{n}" / "config.json").read_text())
+    assert "batch_size" not in config["defense_settings"]["dp"]
+    assert config["ft"]["batch_size"] == n
+  assert "dp" in json.loads((tmp_path / "w" / "comparison.json").read_text())["50"][0]
+
 # Every defense's smallest useful setting, for one end-to-end pass through the pipeline.
 _ALL_DEFENSES_TINY = [
     "--set", "ft.epochs=1", "--set", "ft.batch_size=50",
@@ -370,3 +409,22 @@ def test_every_defense_runs_through_the_pipeline(tmp_path, capsys):
       assert c["rounds"], c["defense"]
   # Before-numbers are the poisoned model's in every cell, DP-SGD's included.
   assert len({(c["acc_before"], c["asr_before"]) for c in cells}) == 1
+
+
+def test_cpu_preset_shortens_the_slow_defenses_and_the_command_line_restores_them():
+  config = pipeline.preset("cpu", "cifar10")
+  assert set(config.defense_settings) == set(pipeline.CPU_DEFENSE_SETTINGS)
+  for name, settings in pipeline.CPU_DEFENSE_SETTINGS.items():
+    default = pipeline.preset("paper", "cifar10").defense_config(name)
+    for field, value in settings.items():
+      assert getattr(config.defense_config(name), field) == value
+      assert value < getattr(default, field), (name, field)
+  import argparse
+  args = argparse.Namespace(attack=None, defense=None, seeds=None, preset="cpu",
+                            set=["nc.steps=1000"])
+  restored = pipeline.config_from_args("cifar10", args)
+  assert restored.defense_config("nc").steps == 1000
+  assert restored.defense_config("nc").batch_size == 32  # the preset's other setting stays
+  # The preset's dict is a copy: changing one config's settings changes no other.
+  config.defense_settings["nc"]["steps"] = 1
+  assert pipeline.preset("cpu", "cifar10").defense_config("nc").steps == 200
