@@ -94,6 +94,22 @@ def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dic
   return rows, "\n".join(lines) + "\n"
 
 
+def settings_note(config: pipeline.ExperimentConfig) -> str:
+  """One markdown line with what a reader needs to rerun a table: the preset, the
+  attacker's settings and every defense setting that differs from its config's default."""
+  def fmt(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(d.items()))
+  parts = [f"preset `{config.preset}`", f"poison ratio {config.poison_ratio}",
+           f"{config.clean_size} clean images"]
+  if not config.augment_triggered:
+    parts.append("triggered images not augmented")
+  parts += [f"{name}: {fmt(v)}" for name, v in sorted(config.attack_settings.items()) if v]
+  defense = {"ibau": config.ibau, "ft": config.ft, **config.defense_settings}
+  parts += [f"`{name}` {fmt(v)}" for name, v in sorted(defense.items())
+            if v and name in config.defenses]
+  return "Settings: " + "; ".join(parts) + "."
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.compare_defenses",
                                    description=__doc__.split("\n\n")[0],
@@ -148,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows, md = comparison(cells, defenses)
     report[str(size)] = rows
     markdown.append(f"### {size} clean images\n\nCells: ACC % / ASR % / seconds after the "
-                    f"defense.\n\n{md}")
+                    f"defense.\n\n{md}\n{settings_note(config)}\n")
   files.atomic_write(workdir / "comparison.json", json.dumps(report, indent=1))
   files.atomic_write(workdir / "comparison.md", "\n".join(markdown))
   print()

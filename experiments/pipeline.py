@@ -96,6 +96,11 @@ class ExperimentConfig:
       training subset's size).
     clean_size: the defender's clean images.
     eval_size: evaluation images (None: all that are left).
+    eval_every: evaluate ACC/ASR/RA after every ``eval_every``-th round (epoch, stage) of a
+      defense, for the per-round record and plots; 0: only after the defense.  The numbers
+      after the defense are always those of the variables it returns.  It changes what is
+      recorded between rounds, not the result, so a work directory resumes with another
+      value.
     synthetic: use a generated data set (the smoke preset; no files needed).
     attack_settings: for an attack name, keyword arguments of its constructor that differ
       from its paper's values (``{"sig": {"delta": 0.157}}``; ``--set sig.delta=0.157``).
@@ -121,6 +126,7 @@ class ExperimentConfig:
   train_size: int = 45000
   clean_size: int = 5000
   eval_size: Optional[int] = None
+  eval_every: int = 1
   synthetic: bool = False
   attack_settings: dict = dataclasses.field(default_factory=dict)
   train: dict = dataclasses.field(default_factory=dict)
@@ -133,6 +139,9 @@ class ExperimentConfig:
       raise ValueError(f"unknown dataset {self.dataset!r}; choose from {sorted(DATASETS)}")
     if self.preset not in PRESETS:
       raise ValueError(f"unknown preset {self.preset!r}; choose from {PRESETS}")
+    if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) \
+        or self.eval_every < 0:
+      raise ValueError(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
     unknown = [a for a in self.attacks if a not in attack_names()]
     if unknown or not self.attacks:
       raise ValueError(f"unknown attack(s) {unknown}; choose from {attack_names()} or 'all'")
@@ -546,10 +555,13 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
 
     def callback(r, stats, v):
       t = time.perf_counter()
-      m = evaluate(v)
-      rounds.append({"step": r, **_jsonable(stats), **m})
+      record = {"step": r, **_jsonable(stats)}
+      if config.eval_every and (len(rounds) + 1) % config.eval_every == 0:
+        m = evaluate(v)
+        record.update(m)
+        bar.set_postfix(acc=f"{m['acc']:.3f}", asr=f"{m['asr']:.3f}")
+      rounds.append(record)
       bar.update(1)
-      bar.set_postfix(acc=f"{m['acc']:.3f}", asr=f"{m['asr']:.3f}")
       eval_seconds[0] += time.perf_counter() - t
 
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
@@ -568,7 +580,11 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
     bar.close()
     if getattr(result, "perturbation", None) is not None:
       delta = np.asarray(result.perturbation)
-  after = rounds[-1] if rounds else before
+    # What the defense returns, which need not be its last round's variables (I-BAU's
+    # select="probe" / "average"; Neural Cleanse returns the input when it flags nothing).
+    after = evaluate(result.variables)
+  else:
+    after = before
   der = metrics.defense_effectiveness_rating(before["acc"], before["asr"], after["acc"],
                                              after["asr"])
   log(f"  after {defense}: ACC {after['acc']:.2%} ASR {after['asr']:.2%} RA {after['ra']:.2%}"
@@ -685,11 +701,18 @@ def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
 
   name = cell_name(cell["attack"], cell["defense"], cell["seed"])
   folder.mkdir(parents=True, exist_ok=True)
-  xs = list(range(len(cell["rounds"]) + 1))
+  # Rounds without an evaluation (eval_every) are skipped; the star is the result the
+  # defense returned, drawn after the last round.
+  done = [(i + 1, r) for i, r in enumerate(cell["rounds"]) if "acc" in r]
+  xs = [0] + [i for i, _ in done]
+  last = len(cell["rounds"])
   fig, ax = plt.subplots(figsize=(5, 3.2))
   for key, label in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA")):
-    ys = [cell[f"{key}_before"]] + [r[key] for r in cell["rounds"]]
-    ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+    ys = [cell[f"{key}_before"]] + [r[key] for _, r in done]
+    line, = ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+    ax.plot([last], [100 * cell[f"{key}_after"]], marker="*", markersize=11, linestyle="",
+            color=line.get_color())
+  xs = list(range(last + 1))
   ax.set_xlabel("defense steps done (I-BAU rounds, epochs or stages)")
   ax.set_ylabel("%")
   ax.set_ylim(-2, 102)
@@ -756,14 +779,15 @@ def _with_defaults(saved: dict) -> dict:
   return json.loads(json.dumps(out))
 
 
-# Fields that say which cells a sweep has, not what a cell holds: a work directory can be
-# resumed with more (or fewer) attacks, defenses or seeds.
-SWEEP_EXTENT = ("attacks", "defenses", "seeds")
+# Fields that say which cells a sweep has, or what is recorded between a defense's rounds,
+# not what a cell's result is: a work directory can be resumed with more (or fewer)
+# attacks, defenses or seeds, or another eval_every.
+SWEEP_EXTENT = ("attacks", "defenses", "seeds", "eval_every")
 
 
 def check_workdir(config: ExperimentConfig, workdir: pathlib.Path) -> None:
-  """Raises ValueError if ``workdir`` holds results of another configuration (any field
-  but the sweep's extent, :data:`SWEEP_EXTENT`, differs); records ``config`` there
+  """Raises ValueError if ``workdir`` holds results of another configuration (a field
+  other than those in :data:`SWEEP_EXTENT` differs); records ``config`` there
   (``config.json``) otherwise."""
   path = workdir / "config.json"
   current = config.to_dict()

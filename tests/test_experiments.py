@@ -382,6 +382,9 @@ def test_comparison_runs_dp_once_for_all_clean_set_sizes(tmp_path, capsys):
     assert "batch_size" not in config["defense_settings"]["dp"]
     assert config["ft"]["batch_size"] == n
   assert "dp" in json.loads((tmp_path / "w" / "comparison.json").read_text())["50"][0]
+  note = (tmp_path / "w" / "comparison.md").read_text()
+  assert "Settings: preset `smoke`" in note and "`dp` epochs=1" in note
+  assert "; 50 clean images;" in note and "`ft`" not in note  # only the defenses run
 
 # Every defense's smallest useful setting, for one end-to-end pass through the pipeline.
 _ALL_DEFENSES_TINY = [
@@ -396,6 +399,30 @@ _ALL_DEFENSES_TINY = [
     "--set", "deepinspect.batch_size=50", "--set", "deepinspect.patch_epochs=1",
     "--set", "deepinspect.inversion_per_class=2", "--set", "deepinspect.statistic_samples=4"]
 
+
+
+def test_eval_every_changes_the_record_between_rounds_not_the_result(tmp_path, capsys):
+  # The numbers after a defense come from the variables it returns; eval_every only thins
+  # the per-round record, and a work directory resumes with another value.
+  base = TINY + ["--attack", "badnets", "--set", "ibau.rounds=3",
+                 "--model-dir", str(tmp_path / "models")]
+  cells = {}
+  for every in (1, 2, 0):
+    workdir = tmp_path / f"w{every}"
+    assert cifar10.main(base + ["--set", f"eval_every={every}", "--workdir", str(workdir)]) == 0
+    cells[every] = json.loads((workdir / "results.json").read_text())["cells"][0]
+    assert (workdir / "plots" / "badnets__ibau__seed0_rounds.png").is_file()
+  assert [("acc" in r) for r in cells[1]["rounds"]] == [True, True, True]
+  assert [("acc" in r) for r in cells[2]["rounds"]] == [False, True, False]
+  assert not any("acc" in r for r in cells[0]["rounds"])
+  assert cells[1]["rounds"][-1]["asr"] == cells[1]["asr_after"]
+  for every in (2, 0):
+    assert [cells[every][k] for k in ("acc_after", "asr_after", "ra_after")] == \
+        [cells[1][k] for k in ("acc_after", "asr_after", "ra_after")]
+  assert cifar10.main(base + ["--set", "eval_every=5", "--workdir", str(tmp_path / "w0")]) == 0
+  assert "done earlier" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="eval_every"):
+    pipeline.config_from_args("cifar10", _args(TINY + ["--set", "eval_every=-1"]))
 
 def test_every_defense_runs_through_the_pipeline(tmp_path, capsys):
   workdir = tmp_path / "w"
