@@ -1,7 +1,8 @@
 """The paper-style comparison: rows attacks, columns defenses, cells ACC / ASR / seconds.
 
     python -m experiments.compare_defenses --data-dir ../shared/data \\
-        --attacks badnets,blend,trojan_wm,wanet,sig --clean-sizes 5000,100
+        --attacks badnets,blend,trojan_wm,wanet,sig --clean-sizes 5000,100 \\
+        --official badnets_8_02 --reference-dir ../shared/reference/ibau_official
 
 For every clean-set size it runs one sweep of :mod:`experiments.pipeline` (attacks x
 defenses, defense ``none`` included for the before-numbers) in
@@ -19,19 +20,23 @@ Resumable like every sweep: rerun the same command after an interruption.  With 
 than 128 clean images the batch sizes of the defenses are capped (I-BAU and fine-tuning at
 the clean-set size, the others at 64; ``--set`` can override).  DP-SGD uses no clean set (it
 retrains on the poisoned training set), so its cells run in the first size's sweep and are
-copied to the others (marked ``shared_from``).
+copied to the others (marked ``shared_from``).  ``--official`` adds rows for the I-BAU
+paper's released models (:func:`official_cells`; saved in ``<workdir>/official/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import pathlib
 import statistics
 import sys
 from typing import Optional, Sequence
 
 from experiments import pipeline
+from ibau_jax import data as data_lib
 from ibau_jax import files
 
 DEFAULT_ATTACKS = ("badnets", "blend", "trojan_wm", "wanet", "sig")
@@ -94,6 +99,70 @@ def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dic
   return rows, "\n".join(lines) + "\n"
 
 
+def official_cells(config: pipeline.ExperimentConfig, models: Sequence[str],
+                   reference_dir: str, data_dir: Optional[str], folder: pathlib.Path,
+                   progress: bool = False, log=print) -> list[dict]:
+  """Cells for the paper's released models (``../shared/reference/ibau_official``): every
+  defense of ``config`` but DP-SGD (it retrains on the attacker's poisoned training set,
+  which is not released), with ``config``'s defense settings and clean-set size, the clean
+  set and evaluation images of :mod:`experiments.reproduce_official` (CIFAR-10: the last
+  training images and the 1,000 pixel-exact test images).  Each cell is saved in
+  ``folder`` as it finishes and skipped when the same command runs again; a saved cell
+  made with other defense settings is refused.  The row's ``attack`` is ``official <model>``.
+  """
+  import argparse as _argparse
+
+  import jax
+  from experiments import reproduce_official
+  from ibau_jax import metrics
+
+  cells = []
+  for name in models:
+    loaded = None
+    for defense in config.defenses:
+      if defense in NO_CLEAN_SET:
+        continue
+      path = folder / "cells" / f"{name}__{defense}.json"
+      settings = {} if defense == "none" else json.loads(json.dumps(
+          {k: v for k, v in dataclasses.asdict(config.defense_config(defense)).items()
+           if k != "callback" and not callable(v)}))
+      if path.is_file():
+        cell = json.loads(path.read_text())
+        if cell["settings"] != settings or cell["clean_size"] != config.clean_size:
+          raise ValueError(f"{path} was made with other settings; use another --workdir")
+        log(f"[official {name}] {defense}: done earlier")
+        cells.append(cell)
+        continue
+      if loaded is None:
+        loaded = reproduce_official.load_model(_argparse.Namespace(
+            data_dir=data_dir, reference_dir=reference_dir, model=name), config.clean_size)
+        apply_fn = pipeline._apply_fn(loaded.model)
+
+        def evaluate(v, loaded=loaded, apply_fn=apply_fn):
+          return {k: float(x) for k, x in metrics.evaluate(
+              apply_fn, v, loaded.eval_x, loaded.eval_y, loaded.attack.apply,
+              loaded.info["target"]).items()}
+
+        before = evaluate(loaded.variables)
+      log(f"[official {name}] {defense}")
+      after, rounds, seconds = before, [], 0.0
+      if defense != "none":
+        after, rounds, seconds, _ = pipeline.run_defense(
+            defense, config.defense_config(defense), apply_fn, loaded.variables,
+            loaded.clean_x, loaded.clean_y, jax.random.PRNGKey(0), evaluate,
+            eval_every=config.eval_every, desc=f"{defense} official {name}",
+            progress=progress)
+      log(f"  ACC {after['acc']:.2%} ASR {after['asr']:.2%} ({seconds:.0f} s)")
+      cell = dict(attack=f"official {name}", defense=defense, seed=0,
+                  clean_size=config.clean_size, settings=settings,
+                  acc_before=before["acc"], asr_before=before["asr"], ra_before=before["ra"],
+                  acc_after=after["acc"], asr_after=after["asr"], ra_after=after["ra"],
+                  defense_seconds=seconds, rounds=rounds)
+      files.atomic_write(path, json.dumps(cell))
+      cells.append(cell)
+  return cells
+
+
 def settings_note(config: pipeline.ExperimentConfig) -> str:
   """One markdown line with what a reader needs to rerun a table: the preset, the
   attacker's settings and every defense setting that differs from its config's default."""
@@ -127,8 +196,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--model-dir", default=None, help="default: runs/models_<dataset>_<preset>")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field, as in experiments.cifar10 --set")
+  parser.add_argument("--official", default="",
+                      help="comma-separated released models of the I-BAU paper to add as rows "
+                           "(e.g. badnets_8_02; from --reference-dir; every defense but dp)")
+  parser.add_argument("--reference-dir", default="../shared/reference/ibau_official")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
+  from experiments import reproduce_official
+  official = [m for m in args.official.split(",") if m]
+  for m in official:
+    if m not in reproduce_official.MODELS:
+      parser.error(f"--official: unknown model {m!r}; choose from {reproduce_official.MODELS}")
+    dataset = "cifar10" if m.startswith("badnets") else "gtsrb"
+    if dataset != args.dataset:
+      parser.error(f"--official {m} is a {dataset} model; this comparison is on {args.dataset}")
+  if official and not (pathlib.Path(args.reference_dir) / "models.json").is_file():
+    parser.error(f"--reference-dir {args.reference_dir} has no models.json")
   defenses = pipeline.defense_names() if args.defenses == "all" else args.defenses.split(",")
   if "none" not in defenses:
     defenses = defenses + ["none"]
@@ -158,6 +241,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         share_cells(workdir / f"clean{earlier}", workdir / f"clean{size}", NO_CLEAN_SET)
       cells = pipeline.run(config, workdir / f"clean{size}", data_dir=args.data_dir,
                            model_dir=model_dir, progress=not args.no_progress)
+      if official:
+        cells = cells + official_cells(
+            config, official, args.reference_dir,
+            args.data_dir or os.environ.get(data_lib.DATA_DIR_ENV),
+            workdir / "official" / f"clean{size}", progress=not args.no_progress)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2

@@ -531,6 +531,46 @@ def _bar(total: int, desc: str, progress: bool):
   return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
+def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
+                evaluate: Callable[[Any], dict], *, eval_every: int = 1, desc: str = "",
+                progress: bool = False):
+  """Runs defense ``defense`` (config ``dconfig``) on ``variables`` with the given images.
+
+  ``evaluate(variables) -> {"acc", "asr", "ra"}`` runs after every ``eval_every``-th round
+  (0: never) and on the variables the defense returns.  Returns ``(after, rounds, seconds,
+  delta)``: the returned variables' metrics, a record per round (the defense's statistics,
+  with the metrics where evaluated), the defense's own seconds (without the evaluations)
+  and its recovered perturbation (None if it has none).
+  """
+  from ibau_jax import defenses
+  fn, _ = defenses.get_defense(defense)
+  steps = getattr(dconfig, "rounds", None) or getattr(dconfig, "epochs", 1)
+  bar = _bar(steps, desc, progress)
+  rounds, eval_seconds = [], [0.0]
+
+  def callback(r, stats, v):
+    t = time.perf_counter()
+    record = {"step": r, **_jsonable(stats)}
+    if eval_every and (len(rounds) + 1) % eval_every == 0:
+      m = evaluate(v)
+      record.update(m)
+      bar.set_postfix(acc=f"{m['acc']:.3f}", asr=f"{m['asr']:.3f}")
+    rounds.append(record)
+    bar.update(1)
+    eval_seconds[0] += time.perf_counter() - t
+
+  start = time.perf_counter()
+  result = fn(apply_fn, variables, images, labels, dconfig.replace(callback=callback), key=key)
+  # The defense's own time: the evaluations the callback runs are not part of it.
+  seconds = time.perf_counter() - start - eval_seconds[0]
+  bar.close()
+  delta = getattr(result, "perturbation", None)
+  # What the defense returns, which need not be its last round's variables (I-BAU's
+  # select="probe" / "average"; Neural Cleanse returns the input when it flags nothing).
+  after = evaluate(result.variables)
+  return after, rounds, seconds, (None if delta is None else np.asarray(delta))
+
+
 def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int,
              splits: Splits, model_dir: pathlib.Path, log: Callable[[str], None],
              progress: bool) -> dict:
@@ -554,27 +594,8 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
 
   before = evaluate(variables)
   log(f"  before: ACC {before['acc']:.2%} ASR {before['asr']:.2%} RA {before['ra']:.2%}")
-  rounds, seconds, delta = [], 0.0, None
+  rounds, seconds, delta, after = [], 0.0, None, before
   if defense != "none":
-    from ibau_jax import defenses
-    fn, _ = defenses.get_defense(defense)
-    dconfig = config.defense_config(defense)
-    steps = getattr(dconfig, "rounds", None) or getattr(dconfig, "epochs", 1)
-    bar = _bar(steps, f"{defense} {attack_name} seed {seed}", progress)
-
-    eval_seconds = [0.0]
-
-    def callback(r, stats, v):
-      t = time.perf_counter()
-      record = {"step": r, **_jsonable(stats)}
-      if config.eval_every and (len(rounds) + 1) % config.eval_every == 0:
-        m = evaluate(v)
-        record.update(m)
-        bar.set_postfix(acc=f"{m['acc']:.3f}", asr=f"{m['asr']:.3f}")
-      rounds.append(record)
-      bar.update(1)
-      eval_seconds[0] += time.perf_counter() - t
-
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
     images, labels, start_from = splits.clean_x, splits.clean_y, variables
     if defense == "dp":
@@ -583,19 +604,10 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
       images, labels, _ = poisoned_training_set(config, attack_name, seed, splits)
       start_from = jax.device_get(model.init(jax.random.fold_in(key, 2), images[:1],
                                              train=False))
-    start = time.perf_counter()
-    result = fn(apply_fn, start_from, images, labels, dconfig.replace(callback=callback),
-                key=key)
-    # The defense's own time: the evaluations the callback runs are not part of it.
-    seconds = time.perf_counter() - start - eval_seconds[0]
-    bar.close()
-    if getattr(result, "perturbation", None) is not None:
-      delta = np.asarray(result.perturbation)
-    # What the defense returns, which need not be its last round's variables (I-BAU's
-    # select="probe" / "average"; Neural Cleanse returns the input when it flags nothing).
-    after = evaluate(result.variables)
-  else:
-    after = before
+    after, rounds, seconds, delta = run_defense(
+        defense, config.defense_config(defense), apply_fn, start_from, images, labels, key,
+        evaluate, eval_every=config.eval_every, desc=f"{defense} {attack_name} seed {seed}",
+        progress=progress)
   der = metrics.defense_effectiveness_rating(before["acc"], before["asr"], after["acc"],
                                              after["asr"])
   log(f"  after {defense}: ACC {after['acc']:.2%} ASR {after['asr']:.2%} RA {after['ra']:.2%}"

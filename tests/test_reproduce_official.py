@@ -72,3 +72,33 @@ def test_reproduce_rejects_bad_arguments(fake_dirs, tmp_path):
     reproduce_official.main(base + ["--data-dir", str(data), "--configs", "fast"])
   with pytest.raises(SystemExit):
     reproduce_official.main(base + ["--data-dir", str(data), "--set", "nonsense=1"])
+
+
+def test_comparison_adds_rows_for_the_released_models(fake_dirs, tmp_path, capsys):
+  from experiments import compare_defenses
+  data, ref = fake_dirs
+  argv = ["--preset", "smoke", "--attacks", "badnets", "--defenses", "ft",
+          "--clean-sizes", "100", "--workdir", str(tmp_path / "w"), "--no-progress",
+          "--model-dir", str(tmp_path / "models"), "--data-dir", str(data),
+          "--official", "badnets_8_02", "--reference-dir", str(ref),
+          "--set", "train_size=200", "--set", "eval_size=100", "--set", "model_widths=[4,8,8]",
+          "--set", "train.epochs=1", "--set", "train.batch_size=50", "--set", "ft.epochs=1"]
+  assert compare_defenses.main(argv) == 0
+  rows = json.loads((tmp_path / "w" / "comparison.json").read_text())["100"]
+  assert [r["attack"] for r in rows] == ["badnets", "official badnets_8_02"]
+  cell = json.loads((tmp_path / "w" / "official" / "clean100" / "cells" /
+                     "badnets_8_02__ft.json").read_text())
+  assert rows[1]["ft"]["acc"] == cell["acc_after"] and cell["clean_size"] == 100
+  assert cell["settings"]["epochs"] == 1 and cell["settings"]["batch_size"] == 100
+  # The untouched model's row: its numbers before the defense are the reproduction's.
+  before = reproduce_official.run_cell("badnets_8_02", "official", 0, data_dir=str(data),
+                                       reference_dir=ref, clean_size=100, overrides={})
+  assert rows[1]["before"] == dict(acc=before["acc_before"], asr=before["asr_before"])
+  capsys.readouterr()
+  assert compare_defenses.main(argv) == 0
+  assert "[official badnets_8_02] ft: done earlier" in capsys.readouterr().out
+  # A saved cell made with other settings is not taken for this one's: refused.
+  path = tmp_path / "w" / "official" / "clean100" / "cells" / "badnets_8_02__ft.json"
+  path.write_text(json.dumps({**cell, "settings": {**cell["settings"], "epochs": 7}}))
+  assert compare_defenses.main(argv) == 2
+  assert "other settings" in capsys.readouterr().err
