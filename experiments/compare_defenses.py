@@ -226,9 +226,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extra = [f"clean_size={size}"]
     if size < 128:
       # Every batch must fit in the clean set (DP-SGD's batches come from the poisoned
-      # training set instead).
-      # All registered defenses get the cap, so that adding a defense to the sweep later
-      # resumes it (the settings do not depend on the list).
+      # training set instead).  Every registered defense gets the cap, listed or not, so
+      # that the settings do not depend on the list and a sweep resumed with more
+      # defenses is the same configuration.
       extra += [f"ibau.batch_size={size}", f"ft.batch_size={size}"] + [
           f"{d}.batch_size={min(size, 64)}" for d in pipeline.defense_names()
           if d not in ("ibau", "ft", "none") + NO_CLEAN_SET]
