@@ -358,6 +358,12 @@ def test_comparison_table_cells_and_time_ratio():
       in markdown
   assert "| wanet | 0 | 80.0 / 99.0 | 75.0 / 4.0 / 20 | - |" in markdown
   assert "Median ratio of the fastest baseline's time to I-BAU's: 9.0 (over 2 rows)" in markdown
+  # Against the paper's six baselines only (fine-tuning is not one): NC in both rows.
+  assert [(r["paper_ratio"], r["paper_fastest_baseline"]) for r in rows] == [(40.0, "nc"),
+                                                                             (15.0, "nc")]
+  assert "| 3.0 (ft) | 40.0 (nc) |" in markdown
+  assert ("Median ratio of the fastest of the paper's six baselines' time to I-BAU's: 27.5 "
+          "(over 2 rows)") in markdown
 
 
 
