@@ -153,7 +153,8 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
                             key=jax.random.PRNGKey(seed))
   unlearn_seconds = sum(h["seconds"] for h in result.history)
   wall = time.perf_counter() - start
-  after = rounds[-1]
+  # The returned variables: the last round's with select="last", not with "probe"/"average".
+  after = rounds[-1] if config.select == "last" else evaluate(result.variables)
   return dict(model=model_name, dataset=info["dataset"], attack=info["attack"],
               target=info["target"], config=config_name, seed=seed,
               config_fields={k: v for k, v in dataclasses.asdict(config).items()

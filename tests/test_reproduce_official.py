@@ -102,3 +102,24 @@ def test_comparison_adds_rows_for_the_released_models(fake_dirs, tmp_path, capsy
   path.write_text(json.dumps({**cell, "settings": {**cell["settings"], "epochs": 7}}))
   assert compare_defenses.main(argv) == 2
   assert "other settings" in capsys.readouterr().err
+
+
+def test_reproduce_reports_the_returned_variables_with_select_average(fake_dirs, tmp_path):
+  # With select="average" unlearn returns the mean of the rounds' variables, not the last
+  # round's: the row's numbers after must be those of the returned variables.
+  import ibau_jax
+  from ibau_jax import metrics
+  data, ref = fake_dirs
+  overrides = dict(select="average", rounds=2, batch_size=50, inner_candidates=())
+  row = reproduce_official.run_cell("badnets_8_02", "default", 0, data_dir=str(data),
+                                    reference_dir=ref, clean_size=100, overrides=overrides)
+  clean_x, clean_y, eval_x, eval_y = reproduce_official._split("cifar10", str(data), 100)
+  model = get_model("small_vgg16", 10)
+  variables = torch_import.load_torch_state(ref / "badnets_8_02.npz", "small_vgg16")
+  result = ibau_jax.unlearn(model.apply, variables, clean_x, clean_y,
+                            ibau_jax.IBAUConfig().replace(**overrides), key=jax.random.PRNGKey(0))
+  attack = reproduce_official._attack(dict(attack="badnets", target=8), ref)
+  expected = metrics.evaluate(model.apply, result.variables, eval_x, eval_y, attack.apply, 8)
+  assert [float(row[k + "_after"]) for k in ("acc", "asr", "ra")] == \
+      [float(expected[k]) for k in ("acc", "asr", "ra")]
+  assert len(row["rounds"]) == 2
