@@ -101,13 +101,6 @@ class IBAUConfig:
       (``benchmarks/trigger_probe.py``: from zero, L2 PGD with C = 10 found a perturbation
       unrelated to the trigger on the paper's CIFAR-10 BadNets model; from the paper's pass
       it stays on the trigger on all three official models).
-    inner_agree: with ``inner_candidates``, a further candidate δ can only be kept if the
-      class that the most clean images go to under it, ``argmax_k #{i : f(x_i + δ) = k}``,
-      is the main solver's (the paper's pass found the trigger's target on all three
-      official models; L2 PGD from zero at C = 10 found, on the CIFAR-10 one, a perturbation
-      that sends every image to another class, and won on the inner objective in the round
-      0 of a run whose backdoor survived; docs/results.md).  Off by default (not yet
-      measured on the nine model-seed cells).
     clamp: clip ``x + δ`` to [0, 1] wherever the model sees a perturbed image.
     perturbed_fraction: fraction of each outer batch that gets ``+δ`` (at least one image).
     hypergrad_batch: ``"first"``: ``L_in`` of the hypergradient uses the round's first batch
@@ -172,7 +165,6 @@ class IBAUConfig:
   inner_projection: str = "end"
   inner_candidates: tuple[tuple[str, float, str], ...] = (("normalized", 2.0, "step"),)
   inner_refine: Optional[tuple[str, float, str]] = None
-  inner_agree: bool = False
   clamp: bool = False
   perturbed_fraction: float = 0.01
   hypergrad_batch: str = "first"
@@ -248,8 +240,6 @@ class IBAUConfig:
       raise ValueError("IBAUConfig.inner_refine must be None or an (optimizer, lr, projection) "
                        "tuple with optimizer in ('sgd', 'adam', 'normalized'), lr > 0 and "
                        f"projection in ('end', 'step'); got {self.inner_refine!r}")
-    if not isinstance(self.inner_agree, bool):
-      raise ValueError(f"IBAUConfig.inner_agree must be True or False, got {self.inner_agree!r}")
     if self.inner_projection not in ("end", "step"):
       raise ValueError(f"IBAUConfig.inner_projection must be 'end' or 'step', "
                        f"got {self.inner_projection!r}")
@@ -505,20 +495,7 @@ def _inner_objective(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, rest
   return -_inner_loss(config, logits_fn, delta, params, x, y)
 
 
-def _class_counts(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, rest: PyTree,
-                  delta: jax.Array, x: jax.Array) -> jax.Array:
-  """How many images of the batch ``f(x + δ)`` puts in each class, ``(classes,)``."""
-  logits = _logits_fn(apply_fn, rest)(params, _perturb(x, delta, config.clamp))
-  return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1],
-                        dtype=jnp.int32).sum(axis=0)
-
-
-def _select(deltas: jax.Array, scores: jax.Array, counts: Optional[jax.Array] = None):
-  """The candidate with the largest score; with ``counts`` (candidates x classes), only
-  candidates whose most frequent class is candidate 0's are eligible."""
-  if counts is not None:
-    dominant = jnp.argmax(counts, axis=-1)
-    scores = jnp.where(dominant == dominant[0], scores, -jnp.inf)
+def _select(deltas: jax.Array, scores: jax.Array):
   choice = jnp.argmax(scores)
   return deltas[choice], choice
 
@@ -542,7 +519,7 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
   xb, yb = _batches(config, images, labels, k_perm, sharding)
   delta0 = jnp.zeros(images.shape[1:], images.dtype)
   reps = (config.inner_epochs,) + (1,) * (xb.ndim - 1)
-  deltas, scores, counts, all_losses = [], [], [], []
+  deltas, scores, all_losses = [], [], []
   refine = _refine_config(config)
   for i, c in enumerate(_candidate_configs(config)):
 
@@ -565,15 +542,10 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
       scores.append(jax.lax.map(
           lambda batch, d=delta: _inner_objective(config, apply_fn, params, rest, d, *batch),
           (xb, yb)).sum())
-      if config.inner_agree:
-        counts.append(jax.lax.map(
-            lambda x, d=delta: _class_counts(config, apply_fn, params, rest, d, x),
-            xb).sum(axis=0))
   inner_losses = all_losses[0]
   choice = 0
   if config.inner_candidates:
-    delta, choice = _select(jnp.stack(deltas), jnp.stack(scores),
-                            jnp.stack(counts) if counts else None)
+    delta, choice = _select(jnp.stack(deltas), jnp.stack(scores))
 
   def outer(carry, inputs):
     p, state, ok = carry
@@ -595,7 +567,6 @@ _batches_jit = jax.jit(_batches, static_argnums=(0, 4))
 _take_jit = jax.jit(_take, static_argnums=(3,))
 _inner_objective_jit = jax.jit(_inner_objective, static_argnums=(0, 1))
 _select_jit = jax.jit(_select)
-_class_counts_jit = jax.jit(_class_counts, static_argnums=(0, 1))
 _inner_step_jit = jax.jit(_inner_step, static_argnums=(0, 1))
 _outer_step_jit = jax.jit(_outer_step, static_argnums=(0, 1))
 _project_jit = jax.jit(_project, static_argnums=(1,))
@@ -623,7 +594,7 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
           else (lambda tree: tree))
   xb, yb = sync(_batches_jit(config, images, labels, k_perm, sharding))
   batches = sync([_take_jit(xb, yb, b, sharding) for b in range(xb.shape[0])])
-  deltas, scores, counts, all_losses = [], [], [], []
+  deltas, scores, all_losses = [], [], []
   refine = _refine_config(config)
   for i, c in enumerate(_candidate_configs(config)):
     delta = jnp.zeros(images.shape[1:], images.dtype)
@@ -647,14 +618,10 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
     if config.inner_candidates:
       scores.append(sum(sync(_inner_objective_jit(config, apply_fn, params, rest, delta, x, y))
                         for x, y in batches))
-      if config.inner_agree:
-        counts.append(sum(sync(_class_counts_jit(config, apply_fn, params, rest, delta, x))
-                          for x, _ in batches))
   inner_losses = all_losses[0]
   choice = 0
   if config.inner_candidates:
-    delta, choice = _select_jit(jnp.stack(deltas), jnp.stack(scores),
-                                jnp.stack(counts) if counts else None)
+    delta, choice = _select_jit(jnp.stack(deltas), jnp.stack(scores))
   ok = jnp.asarray(True)
   outer_losses, residuals, finites = [], [], []
   for b, (x, y) in enumerate(batches):
@@ -674,8 +641,7 @@ def _compiled_programs() -> int:
   """How many programs the round functions have compiled so far (for tests)."""
   return sum(f._cache_size() for f in (_round_scan_jit, _batches_jit, _inner_step_jit,  # pylint: disable=protected-access
                                        _outer_step_jit, _project_jit, _round_stats_jit,
-                                       _take_jit, _inner_objective_jit, _select_jit,
-                                       _class_counts_jit))
+                                       _take_jit, _inner_objective_jit, _select_jit))
 
 
 # --------------------------------------------------------------------------------------

@@ -478,47 +478,6 @@ def test_inner_candidates_keep_the_delta_with_the_best_inner_objective():
       assert r.history[0]["inner_choice"] == want
 
 
-
-def test_select_with_agreement_keeps_only_candidates_aimed_at_the_main_ones_class():
-  deltas = jnp.arange(3.0)[:, None] * jnp.ones((3, 2))
-  scores = jnp.asarray([1.0, 5.0, 3.0])
-  counts = jnp.asarray([[0, 1, 9, 0, 0], [0, 0, 0, 0, 10], [1, 0, 8, 1, 0]])
-  assert int(ibau._select(deltas, scores)[1]) == 1  # the strongest
-  d, choice = ibau._select(deltas, scores, counts)  # candidate 1 aims at class 4, not 2
-  assert int(choice) == 2 and float(d[0]) == 2.0
-  d, choice = ibau._select(deltas, jnp.asarray([1.0, 0.0, 0.5]), counts)
-  assert int(choice) == 0  # the main one when it is the strongest eligible one
-
-
-def test_inner_agree_follows_the_class_counts_in_both_loops():
-  variables = _variables()
-  x, y = _data(24)
-  a, b = ("sgd", 10.0, "end"), ("normalized", 0.3, "step")
-  base = ibau_jax.IBAUConfig(rounds=1, batch_size=8, norm_bound=1.0, inner_optimizer=a[0],
-                             inner_lr=a[1], inner_projection=a[2], inner_candidates=(b,))
-  key = jax.random.PRNGKey(4)
-  alone = [ibau_jax.unlearn(apply_fn, variables, x, y,
-                            base.replace(inner_optimizer=c[0], inner_lr=c[1],
-                                         inner_projection=c[2], inner_candidates=()),
-                            key=key).perturbation for c in (a, b)]
-  k_perm, _ = jax.random.split(jax.random.fold_in(key, 0))
-  xb, yb = ibau._batches(base, jnp.asarray(x), jnp.asarray(y), k_perm)
-  params, rest = variables["params"], {"batch_stats": variables["batch_stats"]}
-  scores = jnp.asarray([sum(float(ibau._inner_objective(base, apply_fn, params, rest, d, xb[i],
-                                                          yb[i])) for i in range(xb.shape[0]))
-                        for d in alone])
-  counts = jnp.stack([sum(ibau._class_counts(base, apply_fn, params, rest, d, xb[i])
-                          for i in range(xb.shape[0])) for d in alone])
-  assert int(counts.sum()) == 2 * xb.shape[0] * xb.shape[1]
-  want = int(ibau._select(jnp.stack(alone), scores, counts)[1])
-  for loop in ("python", "scan"):
-    r = ibau_jax.unlearn(apply_fn, variables, x, y, base.replace(inner_agree=True, loop=loop),
-                         key=key)
-    assert r.history[0]["inner_choice"] == want
-    np.testing.assert_allclose(r.perturbation, alone[want], rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="inner_agree"):
-    base.replace(inner_agree=1)
-
 @pytest.mark.parametrize("loop", ["python", "scan"])
 def test_outer_lr_decay_scales_round_r_updates_by_gamma_to_the_r(loop):
   # With plain SGD the update of round r is exactly γ^r times the undecayed one; for r = 0
