@@ -141,8 +141,9 @@ def official_cells(config: pipeline.ExperimentConfig, models: Sequence[str],
       if defense in NO_CLEAN_SET:
         continue
       path = folder / "cells" / f"{name}__{defense}.json"
-      settings = {} if defense == "none" else json.loads(json.dumps(
-          {k: v for k, v in dataclasses.asdict(config.defense_config(defense)).items()
+      dconfig = None if defense == "none" else config.defense_config(defense)
+      settings = {} if dconfig is None else json.loads(json.dumps(
+          {k: v for k, v in dataclasses.asdict(dconfig).items()
            if k != "callback" and not callable(v)}))
       if path.is_file():
         cell = json.loads(path.read_text())
@@ -166,7 +167,7 @@ def official_cells(config: pipeline.ExperimentConfig, models: Sequence[str],
       after, rounds, seconds = before, [], 0.0
       if defense != "none":
         after, rounds, seconds, _ = pipeline.run_defense(
-            defense, config.defense_config(defense), apply_fn, loaded.variables,
+            defense, dconfig, apply_fn, loaded.variables,
             loaded.clean_x, loaded.clean_y, jax.random.PRNGKey(0), evaluate,
             eval_every=config.eval_every, desc=f"{defense} official {name}",
             progress=progress)
