@@ -128,8 +128,6 @@ def official_cells(config: pipeline.ExperimentConfig, models: Sequence[str],
   ``folder`` as it finishes and skipped when the same command runs again; a saved cell
   made with other defense settings is refused.  The row's ``attack`` is ``official <model>``.
   """
-  import argparse as _argparse
-
   import jax
   from experiments import reproduce_official
   from ibau_jax import metrics
@@ -153,7 +151,7 @@ def official_cells(config: pipeline.ExperimentConfig, models: Sequence[str],
         cells.append(cell)
         continue
       if loaded is None:
-        loaded = reproduce_official.load_model(_argparse.Namespace(
+        loaded = reproduce_official.load_model(argparse.Namespace(
             data_dir=data_dir, reference_dir=reference_dir, model=name), config.clean_size)
         apply_fn = pipeline._apply_fn(loaded.model)
 
