@@ -22,6 +22,8 @@ the clean-set size, the others at 64; ``--set`` can override).  DP-SGD uses no c
 retrains on the poisoned training set), so its cells run in the first size's sweep and are
 copied to the others (marked ``shared_from``).  ``--official`` adds rows for the I-BAU
 paper's released models (:func:`official_cells`; saved in ``<workdir>/official/``).
+``--merge DIR,DIR --out table.md`` joins finished work directories (attacks run with
+settings of their own) into one table per size (:func:`merge`) and runs nothing.
 """
 
 from __future__ import annotations
@@ -196,6 +198,57 @@ def settings_note(config: pipeline.ExperimentConfig) -> str:
   return "Settings: " + "; ".join(parts) + "."
 
 
+def merge(workdirs: Sequence[str | os.PathLike]) -> tuple[dict, str]:
+  """The tables of several comparison work directories as one table per clean-set size.
+
+  Attacks that need their own settings (WaNet without augmented triggers, SIG at another
+  poison ratio) run in work directories of their own; this reads the finished cells of
+  each (``<workdir>/clean<size>/cells`` and ``<workdir>/official/clean<size>/cells``) and
+  its ``config.json``, and returns ``({size: rows}, markdown)`` as :func:`comparison` does,
+  the medians taken over all rows, with each work directory's :func:`settings_note`.
+  Raises ValueError if a directory holds no comparison, or if two hold the same cell
+  (attack, seed, defense, clean-set size).
+  """
+  by_size: dict[int, list] = {}
+  for workdir in map(pathlib.Path, workdirs):
+    found = False
+    for config_path in sorted(workdir.glob("clean*/config.json")):
+      folder = config_path.parent
+      try:
+        size = int(folder.name[len("clean"):])
+      except ValueError:
+        continue
+      found = True
+      config = pipeline.load_config(folder)
+      cells = [json.loads(p.read_text()) for cells_dir in
+               (folder / "cells", workdir / "official" / folder.name / "cells")
+               for p in sorted(cells_dir.glob("*.json"))]
+      by_size.setdefault(size, []).append((workdir, cells, settings_note(config)))
+    if not found:
+      raise ValueError(f"{workdir} holds no comparison (no clean<size>/config.json)")
+  order = pipeline.defense_names()
+  report, markdown = {}, []
+  for size in sorted(by_size, reverse=True):
+    seen: dict[tuple, pathlib.Path] = {}
+    cells = []
+    for workdir, sweep_cells, _ in by_size[size]:
+      for c in sweep_cells:
+        key = (c["attack"], c["seed"], c["defense"])
+        if key in seen:
+          raise ValueError(f"{workdir} and {seen[key]} both hold {key[0]} / {key[2]} / seed "
+                           f"{key[1]} with {size} clean images; merge one of them")
+        seen[key] = workdir
+        cells.append(c)
+    names = {c["defense"] for c in cells}
+    defenses = [d for d in order if d in names] + sorted(names - set(order))
+    rows, md = comparison(cells, defenses)
+    report[str(size)] = rows
+    notes = "\n".join(f"- `{w}`: {note}" for w, _, note in by_size[size])
+    markdown.append(f"### {size} clean images\n\nCells: ACC % / ASR % / seconds after the "
+                    f"defense.\n\n{md}\n{notes}\n")
+  return report, "\n".join(markdown)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.compare_defenses",
                                    description=__doc__.split("\n\n")[0],
@@ -218,7 +271,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "(e.g. badnets_8_02; from --reference-dir; every defense but dp)")
   parser.add_argument("--reference-dir", default="../shared/reference/ibau_official")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--merge", default="",
+                      help="comma-separated finished work directories: write their tables as "
+                           "one (to --out) and run nothing")
+  parser.add_argument("--out", default="comparison_merged.md",
+                      help="with --merge: the markdown file (the JSON goes next to it)")
   args = parser.parse_args(argv)
+  if args.merge:
+    try:
+      report, markdown = merge([w for w in args.merge.split(",") if w])
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    out = pathlib.Path(args.out)
+    files.atomic_write(out.with_suffix(".json"), json.dumps(report, indent=1))
+    files.atomic_write(out, markdown)
+    print(markdown)
+    return 0
   from experiments import reproduce_official
   official = [m for m in args.official.split(",") if m]
   for m in official:

@@ -802,6 +802,13 @@ def _with_defaults(saved: dict) -> dict:
   return json.loads(json.dumps(out))
 
 
+def load_config(workdir: str | os.PathLike) -> ExperimentConfig:
+  """The configuration a sweep recorded in ``workdir/config.json`` (fields added to
+  ExperimentConfig since then at their defaults)."""
+  path = pathlib.Path(workdir) / "config.json"
+  return ExperimentConfig.from_dict(_with_defaults(json.loads(path.read_text())))
+
+
 # Fields that say which cells a sweep has, or what is recorded between a defense's rounds,
 # not what a cell's result is: a work directory can be resumed with more (or fewer)
 # attacks, defenses or seeds, or another eval_every.

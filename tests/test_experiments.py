@@ -367,6 +367,57 @@ def test_comparison_table_cells_and_time_ratio():
 
 
 
+def test_merge_joins_work_directories_and_refuses_a_cell_held_twice(tmp_path, capsys):
+  # Attacks with their own settings run in work directories of their own; --merge makes
+  # one table of them, with each directory's settings and the medians over all rows.
+  def cell(attack, defense, asr, seconds):
+    return dict(attack=attack, seed=0, defense=defense, acc_before=0.8, asr_before=0.99,
+                acc_after=0.75, asr_after=asr, defense_seconds=seconds)
+
+  def sweep(workdir, size, settings, cells, official=()):
+    config = pipeline.config_from_args("cifar10", _args(TINY + [
+        "--set", f"clean_size={size}"] + sum((["--set", s] for s in settings), [])))
+    pipeline.check_workdir(config, workdir / f"clean{size}")
+    for folder, batch in ((workdir / f"clean{size}", cells),
+                          (workdir / "official" / f"clean{size}", official)):
+      for c in batch:
+        path = folder / "cells" / f"{c['attack']}__{c['defense']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(c))
+
+  a, b = tmp_path / "a", tmp_path / "b"
+  sweep(a, 100, [], [cell("badnets", "ibau", 0.0, 10.0), cell("badnets", "ft", 0.9, 20.0)],
+        official=[cell("official badnets_8_02", "ibau", 0.5, 10.0),
+                  cell("official badnets_8_02", "ft", 0.9, 50.0)])
+  sweep(a, 500, [], [cell("badnets", "ibau", 0.0, 40.0), cell("badnets", "ft", 0.9, 20.0)])
+  sweep(b, 100, ["poison_ratio=0.05"], [cell("sig", "ibau", 0.1, 10.0),
+                                         cell("sig", "nc", 0.2, 300.0)])
+  report, markdown = compare_defenses.merge([a, b])
+  assert list(report) == ["500", "100"]
+  assert [r["attack"] for r in report["100"]] == ["badnets", "official badnets_8_02", "sig"]
+  assert [r["ratio"] for r in report["100"]] == [2.0, 5.0, 30.0]
+  assert [r["attack"] for r in report["500"]] == ["badnets"]
+  assert report["500"][0]["ratio"] == 0.5
+  assert "| attack | seed | before | ibau | ft | nc |" in markdown
+  assert "| sig | 0 | 80.0 / 99.0 | 75.0 / 10.0 / 10 | - | 75.0 / 20.0 / 300 |" in markdown
+  assert "Median ratio of the fastest baseline's time to I-BAU's: 5.0 (over 3 rows)" in markdown
+  assert f"- `{b}`: Settings: preset `smoke`; poison ratio 0.05; 100 clean images;" in markdown
+  assert markdown.count(f"- `{a}`: Settings:") == 2
+  # The command line writes the markdown and the JSON and runs nothing.
+  out = tmp_path / "merged.md"
+  assert compare_defenses.main(["--merge", f"{a},{b}", "--out", str(out)]) == 0
+  assert out.read_text() == markdown
+  assert json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(report))
+  # The same cell in two directories, or a directory with no comparison, is an error.
+  c = tmp_path / "c"
+  sweep(c, 100, [], [cell("sig", "nc", 0.3, 200.0)])
+  with pytest.raises(ValueError, match="both hold sig / nc / seed 0 with 100 clean images"):
+    compare_defenses.merge([a, b, c])
+  (tmp_path / "empty").mkdir()
+  assert compare_defenses.main(["--merge", f"{a},{tmp_path / 'empty'}"]) == 2
+  assert "holds no comparison" in capsys.readouterr().err
+
+
 def test_comparison_runs_dp_once_for_all_clean_set_sizes(tmp_path, capsys):
   # DP-SGD retrains on the poisoned training set: its cell cannot depend on the clean set,
   # so the second size's sweep copies it, and its batch size is not capped at the clean set.
