@@ -256,7 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    epilog=__doc__.split("\n\n", 2)[2])
   parser.add_argument("--dataset", default="cifar10", choices=sorted(pipeline.DATASETS))
   parser.add_argument("--preset", default="cpu", choices=pipeline.PRESETS)
-  parser.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS))
+  parser.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
+                      help="comma-separated attacks; '' with --official: only the released "
+                           "models' rows")
   parser.add_argument("--defenses", default="all",
                       help="comma-separated defenses or 'all' (default); 'none' is added")
   parser.add_argument("--clean-sizes", default="5000,100")
@@ -296,6 +298,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dataset = "cifar10" if m.startswith("badnets") else "gtsrb"
     if dataset != args.dataset:
       parser.error(f"--official {m} is a {dataset} model; this comparison is on {args.dataset}")
+  attacks = [a for a in args.attacks.split(",") if a]
+  if not attacks and not official:
+    parser.error("--attacks: give at least one attack (or --official models)")
   if official and not (pathlib.Path(args.reference_dir) / "models.json").is_file():
     parser.error(f"--reference-dir {args.reference_dir} has no models.json")
   defenses = pipeline.defense_names() if args.defenses == "all" else args.defenses.split(",")
@@ -318,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       extra += [f"ibau.batch_size={size}", f"ft.batch_size={size}"] + [
           f"{d}.batch_size={min(size, 64)}" for d in pipeline.defense_names()
           if d not in ("ibau", "ft", "none") + NO_CLEAN_SET]
-    sweep = argparse.Namespace(attack=args.attacks, defense=",".join(defenses),
+    sweep = argparse.Namespace(attack=",".join(attacks) or None, defense=",".join(defenses),
                                seeds=args.seeds, preset=args.preset, set=extra + args.set)
     try:
       config = pipeline.config_from_args(args.dataset, sweep)
@@ -326,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       for earlier in sizes[:i]:
         share_cells(workdir / f"clean{earlier}", workdir / f"clean{size}", NO_CLEAN_SET)
       cells = pipeline.run(config, workdir / f"clean{size}", data_dir=args.data_dir,
-                           model_dir=model_dir, progress=not args.no_progress)
+                           model_dir=model_dir, progress=not args.no_progress) if attacks else []
       if official:
         cells = cells + official_cells(
             config, official, args.reference_dir,

@@ -102,6 +102,18 @@ def test_comparison_adds_rows_for_the_released_models(fake_dirs, tmp_path, capsy
   path.write_text(json.dumps({**cell, "settings": {**cell["settings"], "epochs": 7}}))
   assert compare_defenses.main(argv) == 2
   assert "other settings" in capsys.readouterr().err
+  # Only the released model's rows: no attack is trained, and --merge reads the folder.
+  only = ["--attacks", "", "--workdir", str(tmp_path / "o")]
+  assert compare_defenses.main(argv + only) == 0
+  rows = json.loads((tmp_path / "o" / "comparison.json").read_text())["100"]
+  assert [r["attack"] for r in rows] == ["official badnets_8_02"]
+  assert rows[0]["ft"]["acc"] == cell["acc_after"]  # the same cell, computed again
+  assert not (tmp_path / "o" / "clean100" / "cells").exists()
+  report, _ = compare_defenses.merge([tmp_path / "o"])
+  assert report == json.loads((tmp_path / "o" / "comparison.json").read_text())
+  with pytest.raises(SystemExit):
+    compare_defenses.main([a for a in argv if a not in ("--official", "badnets_8_02")] +
+                          ["--attacks", ""])  # neither attacks nor --official
 
 
 def test_reproduce_reports_the_returned_variables_with_select_average(fake_dirs, tmp_path):
