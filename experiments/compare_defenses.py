@@ -115,7 +115,8 @@ def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dic
     if ratios:
       lines.append("")
       lines.append(f"Median ratio of {what} time to I-BAU's: "
-                   f"{statistics.median(ratios):.1f} (over {len(ratios)} rows).")
+                   f"{statistics.median(ratios):.1f} (over {len(ratios)} "
+                   f"row{'s' * (len(ratios) != 1)}).")
   return rows, "\n".join(lines) + "\n"
 
 
