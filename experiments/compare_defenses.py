@@ -207,10 +207,12 @@ def merge(workdirs: Sequence[str | os.PathLike]) -> tuple[dict, str]:
   each (``<workdir>/clean<size>/cells`` and ``<workdir>/official/clean<size>/cells``) and
   its ``config.json``, and returns ``({size: rows}, markdown)`` as :func:`comparison` does,
   the medians taken over all rows, with each work directory's :func:`settings_note`.
+  Columns follow the directories' ``--defenses`` order (the first directory's first).
   Raises ValueError if a directory holds no comparison, or if two hold the same cell
   (attack, seed, defense, clean-set size).
   """
   by_size: dict[int, list] = {}
+  order: list[str] = []  # the sweeps' --defenses order, first directory first
   for workdir in map(pathlib.Path, workdirs):
     found = False
     for config_path in sorted(workdir.glob("clean*/config.json")):
@@ -225,9 +227,10 @@ def merge(workdirs: Sequence[str | os.PathLike]) -> tuple[dict, str]:
                (folder / "cells", workdir / "official" / folder.name / "cells")
                for p in sorted(cells_dir.glob("*.json"))]
       by_size.setdefault(size, []).append((workdir, cells, settings_note(config)))
+      order += [d for d in config.defenses if d not in order]
     if not found:
       raise ValueError(f"{workdir} holds no comparison (no clean<size>/config.json)")
-  order = pipeline.defense_names()
+  order += [d for d in pipeline.defense_names() if d not in order]
   report, markdown = {}, []
   for size in sorted(by_size, reverse=True):
     seen: dict[tuple, pathlib.Path] = {}

@@ -374,9 +374,10 @@ def test_merge_joins_work_directories_and_refuses_a_cell_held_twice(tmp_path, ca
     return dict(attack=attack, seed=0, defense=defense, acc_before=0.8, asr_before=0.99,
                 acc_after=0.75, asr_after=asr, defense_seconds=seconds)
 
-  def sweep(workdir, size, settings, cells, official=()):
+  def sweep(workdir, size, settings, cells, official=(), defenses="ibau"):
     config = pipeline.config_from_args("cifar10", _args(TINY + [
-        "--set", f"clean_size={size}"] + sum((["--set", s] for s in settings), [])))
+        "--defense", defenses, "--set", f"clean_size={size}"] +
+        sum((["--set", s] for s in settings), [])))
     pipeline.check_workdir(config, workdir / f"clean{size}")
     for folder, batch in ((workdir / f"clean{size}", cells),
                           (workdir / "official" / f"clean{size}", official)):
@@ -416,6 +417,13 @@ def test_merge_joins_work_directories_and_refuses_a_cell_held_twice(tmp_path, ca
   (tmp_path / "empty").mkdir()
   assert compare_defenses.main(["--merge", f"{a},{tmp_path / 'empty'}"]) == 2
   assert "holds no comparison" in capsys.readouterr().err
+  # Columns follow the sweeps' --defenses order, the first directory's first, then the
+  # registry's order for defenses no sweep listed.
+  d = tmp_path / "d"
+  sweep(d, 100, [], [cell("blend", "nc", 0.3, 200.0), cell("blend", "ibau", 0.0, 10.0)],
+        defenses="nc,tabor,ibau")
+  _, markdown = compare_defenses.merge([d, a])
+  assert "| attack | seed | before | nc | ibau | ft |" in markdown
 
 
 def test_comparison_runs_dp_once_for_all_clean_set_sizes(tmp_path, capsys):
