@@ -207,7 +207,8 @@ def merge(workdirs: Sequence[str | os.PathLike]) -> tuple[dict, str]:
   each (``<workdir>/clean<size>/cells`` and ``<workdir>/official/clean<size>/cells``) and
   its ``config.json``, and returns ``({size: rows}, markdown)`` as :func:`comparison` does,
   the medians taken over all rows, with each work directory's :func:`settings_note`.
-  Columns follow the directories' ``--defenses`` order (the first directory's first).
+  Columns follow the directories' ``--defenses`` order (the first directory's first); a
+  size with no finished cell in any directory gets no table.
   Raises ValueError if a directory holds no comparison, or if two hold the same cell
   (attack, seed, defense, clean-set size).
   """
@@ -226,7 +227,8 @@ def merge(workdirs: Sequence[str | os.PathLike]) -> tuple[dict, str]:
       cells = [json.loads(p.read_text()) for cells_dir in
                (folder / "cells", workdir / "official" / folder.name / "cells")
                for p in sorted(cells_dir.glob("*.json"))]
-      by_size.setdefault(size, []).append((workdir, cells, settings_note(config)))
+      if cells:  # a sweep that has not finished a cell yet adds no table and no note
+        by_size.setdefault(size, []).append((workdir, cells, settings_note(config)))
       order += [d for d in config.defenses if d not in order]
     if not found:
       raise ValueError(f"{workdir} holds no comparison (no clean<size>/config.json)")

@@ -393,8 +393,10 @@ def test_merge_joins_work_directories_and_refuses_a_cell_held_twice(tmp_path, ca
   sweep(a, 500, [], [cell("badnets", "ibau", 0.0, 40.0), cell("badnets", "ft", 0.9, 20.0)])
   sweep(b, 100, ["poison_ratio=0.05"], [cell("sig", "ibau", 0.1, 10.0),
                                          cell("sig", "nc", 0.2, 300.0)])
+  sweep(b, 300, ["poison_ratio=0.05"], [])  # started, no cell finished yet: no table
   report, markdown = compare_defenses.merge([a, b])
   assert list(report) == ["500", "100"]
+  assert "300 clean images" not in markdown
   assert [r["attack"] for r in report["100"]] == ["badnets", "official badnets_8_02", "sig"]
   assert [r["ratio"] for r in report["100"]] == [2.0, 5.0, 30.0]
   assert [r["attack"] for r in report["500"]] == ["badnets"]
