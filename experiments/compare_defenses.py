@@ -33,6 +33,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import sys
 from typing import Optional, Sequence
@@ -143,9 +144,11 @@ def official_cells(config: pipeline.ExperimentConfig, models: Sequence[str],
         continue
       path = folder / "cells" / f"{name}__{defense}.json"
       dconfig = None if defense == "none" else config.defense_config(defense)
+      # What the defense computes: fields marked compare=False (callbacks, progress,
+      # checkpoints, chunk sizes) say how it runs, not what it returns.
       settings = {} if dconfig is None else json.loads(json.dumps(
-          {k: v for k, v in dataclasses.asdict(dconfig).items()
-           if k != "callback" and not callable(v)}))
+          {f.name: getattr(dconfig, f.name) for f in dataclasses.fields(dconfig)
+           if f.compare}))
       if path.is_file():
         cell = json.loads(path.read_text())
         if cell["settings"] != settings or cell["clean_size"] != config.clean_size:
@@ -171,7 +174,7 @@ def official_cells(config: pipeline.ExperimentConfig, models: Sequence[str],
             defense, dconfig, apply_fn, loaded.variables,
             loaded.clean_x, loaded.clean_y, jax.random.PRNGKey(0), evaluate,
             eval_every=config.eval_every, desc=f"{defense} official {name}",
-            progress=progress)
+            progress=progress, checkpoint_dir=folder / "partial" / f"{name}__{defense}")
       log(f"  ACC {after['acc']:.2%} ASR {after['asr']:.2%} ({seconds:.0f} s)")
       cell = dict(attack=f"official {name}", defense=defense, seed=0,
                   clean_size=config.clean_size, settings=settings,
@@ -179,6 +182,7 @@ def official_cells(config: pipeline.ExperimentConfig, models: Sequence[str],
                   acc_after=after["acc"], asr_after=after["asr"], ra_after=after["ra"],
                   defense_seconds=seconds, rounds=rounds)
       files.atomic_write(path, json.dumps(cell))
+      shutil.rmtree(folder / "partial" / f"{name}__{defense}", ignore_errors=True)
       cells.append(cell)
   return cells
 

@@ -16,7 +16,10 @@ One cell = (attack, defense, seed):
    ``results.csv``, ``results.md`` and the plots in ``workdir/plots/``.
 
 Finished cells are skipped when the same command runs again, so a sweep killed at any moment
-(even ``kill -9``) continues where it stopped.  ``workdir/config.json`` holds the resolved
+(even ``kill -9``) continues where it stopped.  Within a cell, Neural Cleanse and TABOR (the
+slowest defenses) save their reverse engineering every ``log_every`` steps in
+``workdir/partial/<cell>/`` and resume from there; the cell's seconds include the
+interrupted runs' (deleted once the cell is written).  ``workdir/config.json`` holds the resolved
 configuration; a work directory made with a different configuration is refused.
 
 Splits.  CIFAR-10: the attacker trains on the first ``train_size`` (45,000) training images,
@@ -39,6 +42,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -209,7 +213,9 @@ class ExperimentConfig:
     _, cls = defenses.get_defense(name)
     given = getattr(self, name) if name in ("ibau", "ft") else \
         self.defense_settings.get(name, {})
-    fields = {f.name for f in dataclasses.fields(cls)} - {"callback"}
+    # (The hooks and the checkpoint folder are the pipeline's to set.)
+    fields = {f.name for f in dataclasses.fields(cls)} - {"callback", "progress",
+                                                           "checkpoint_dir"}
     unknown = set(given) - fields
     if unknown:
       raise ValueError(f"unknown {name} fields {sorted(unknown)}; choose from {sorted(fields)}")
@@ -533,19 +539,38 @@ def _bar(total: int, desc: str, progress: bool):
 
 def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
                 evaluate: Callable[[Any], dict], *, eval_every: int = 1, desc: str = "",
-                progress: bool = False):
+                progress: bool = False,
+                checkpoint_dir: Optional[str | os.PathLike] = None):
   """Runs defense ``defense`` (config ``dconfig``) on ``variables`` with the given images.
 
   ``evaluate(variables) -> {"acc", "asr", "ra"}`` runs after every ``eval_every``-th round
   (0: never) and on the variables the defense returns.  Returns ``(after, rounds, seconds,
   delta)``: the returned variables' metrics, a record per round (the defense's statistics,
-  with the metrics where evaluated), the defense's own seconds (without the evaluations)
-  and its recovered perturbation (None if it has none).
+  with the metrics where evaluated), the defense's own seconds (without the evaluations;
+  with the seconds of interrupted earlier runs that a checkpoint resumed) and its
+  recovered perturbation (None if it has none).  ``checkpoint_dir`` goes to the defenses
+  that can save and resume their work (a ``checkpoint_dir`` config field: Neural Cleanse
+  and TABOR); the others ignore it.
   """
   from ibau_jax import defenses
   fn, _ = defenses.get_defense(defense)
+  fields = {f.name for f in dataclasses.fields(dconfig)}
+  if checkpoint_dir is not None and "checkpoint_dir" in fields:
+    dconfig = dconfig.replace(checkpoint_dir=str(checkpoint_dir))
   steps = getattr(dconfig, "rounds", None) or getattr(dconfig, "epochs", 1)
   bar = _bar(steps, desc, progress)
+  if progress and "progress" in fields:
+    # A long inner stage (Neural Cleanse's reverse engineering) gets a bar of its own.
+    inner = {}
+
+    def show(done, total):
+      if "bar" not in inner:
+        inner["bar"] = _bar(total, f"{desc} (steps)", True)
+      inner["bar"].update(done - inner["bar"].n)
+      if done >= total:
+        inner.pop("bar").close()
+
+    dconfig = dconfig.replace(progress=show)
   rounds, eval_seconds = [], [0.0]
 
   def callback(r, stats, v):
@@ -563,6 +588,7 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   result = fn(apply_fn, variables, images, labels, dconfig.replace(callback=callback), key=key)
   # The defense's own time: the evaluations the callback runs are not part of it.
   seconds = time.perf_counter() - start - eval_seconds[0]
+  seconds += sum(r.get("seconds_before", 0.0) for r in rounds)
   bar.close()
   delta = getattr(result, "perturbation", None)
   # What the defense returns, which need not be its last round's variables (I-BAU's
@@ -573,7 +599,7 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
 
 def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int,
              splits: Splits, model_dir: pathlib.Path, log: Callable[[str], None],
-             progress: bool) -> dict:
+             progress: bool, checkpoint_dir: Optional[pathlib.Path] = None) -> dict:
   import jax
   from ibau_jax import metrics
 
@@ -607,7 +633,7 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
     after, rounds, seconds, delta = run_defense(
         defense, config.defense_config(defense), apply_fn, start_from, images, labels, key,
         evaluate, eval_every=config.eval_every, desc=f"{defense} {attack_name} seed {seed}",
-        progress=progress)
+        progress=progress, checkpoint_dir=checkpoint_dir)
   der = metrics.defense_effectiveness_rating(before["acc"], before["asr"], after["acc"],
                                              after["asr"])
   log(f"  after {defense}: ACC {after['acc']:.2%} ASR {after['asr']:.2%} RA {after['ra']:.2%}"
@@ -851,6 +877,7 @@ def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
   files.remove_temporaries(workdir)
   files.remove_temporaries(workdir / "cells")
   files.remove_temporaries(workdir / "plots")
+  files.remove_temporaries(workdir / "partial", recursive=True)
   if not config.synthetic:
     from ibau_jax import data as data_lib
     data_dir = data_dir or os.environ.get(data_lib.DATA_DIR_ENV)
@@ -869,8 +896,11 @@ def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
       log(f"[{i + 1}/{len(todo)}] {attack_name} / {defense} / seed {seed}: done earlier")
       continue
     log(f"[{i + 1}/{len(todo)}] {attack_name} / {defense} / seed {seed}")
-    cell = run_cell(config, attack_name, defense, seed, splits, model_dir, log, progress)
+    partial = workdir / "partial" / cell_name(attack_name, defense, seed)
+    cell = run_cell(config, attack_name, defense, seed, splits, model_dir, log, progress,
+                    checkpoint_dir=partial)
     files.atomic_write(path, json.dumps(cell))
+    shutil.rmtree(partial, ignore_errors=True)
     cells.append(cell)
     write_reports(config, cells, workdir, splits)
   write_reports(config, cells, workdir, splits)

@@ -205,6 +205,76 @@ def test_neural_cleanse_leaves_a_clean_model_alone():
   assert len(result.history) == 1 and [c[0] for c in calls] == [0]
 
 
+class _Stop(Exception):
+  pass
+
+
+def _reverse(config, key=7):
+  x, y = _defender_set()
+  return nc.reverse_engineer(apply_fn, _model(True), x, y, config, key=jax.random.PRNGKey(key),
+                             regulariser=tabor.tabor_regulariser
+                             if isinstance(config, tabor.TABORConfig) else None)
+
+
+_RESULT_KEYS = ("masks", "patterns", "norms", "reached", "cost")
+
+
+@pytest.mark.parametrize("cls", [nc.NCConfig, tabor.TABORConfig])
+def test_reverse_engineering_in_chunks_and_resumed_equals_one_run(cls, tmp_path):
+  config = cls(steps=30, batch_size=32)
+  whole = _reverse(config.replace(log_every=30))
+  # Chunks of 7 steps (the last one 2): the same state at the end, bit for bit.
+  calls = []
+  chunked = _reverse(config.replace(log_every=7, progress=lambda d, t: calls.append((d, t))))
+  assert calls == [(7, 30), (14, 30), (21, 30), (28, 30), (30, 30)]
+  for k in _RESULT_KEYS:
+    np.testing.assert_array_equal(chunked[k], whole[k], err_msg=k)
+  assert whole["resumed_from"] == 0 and whole["seconds_before"] == 0.0
+  # Interrupted after step 14 (an exception from the progress hook, as a kill would leave
+  # it): the checkpoint holds step 14, and a second call resumes there and ends identical.
+  saved = config.replace(log_every=7, checkpoint_dir=str(tmp_path))
+
+  def stop(done, total):
+    if done == 14:
+      raise _Stop
+
+  with pytest.raises(_Stop):
+    _reverse(saved.replace(progress=stop))
+  path = tmp_path / nc.CHECKPOINT_FILE
+  with np.load(path) as f:
+    assert int(f["step"]) == 14 and float(f["seconds"]) > 0
+  resumed = _reverse(saved)
+  assert resumed["resumed_from"] == 14 and resumed["seconds_before"] > 0
+  for k in _RESULT_KEYS:
+    np.testing.assert_array_equal(resumed[k], whole[k], err_msg=k)
+  # A state made with another key (or settings) is not used: the run starts at step 0.
+  assert _reverse(saved, key=8)["resumed_from"] == 0
+  assert _reverse(saved.replace(init_cost=2e-3))["resumed_from"] == 0
+
+
+def test_neural_cleanse_resumes_and_deletes_its_checkpoint(tmp_path):
+  x, y = _defender_set()
+  config = CONFIG.replace(steps=40, log_every=10, checkpoint_dir=str(tmp_path))
+
+  def stop(done, total):
+    if done == 20:
+      raise _Stop
+
+  with pytest.raises(_Stop):
+    nc.neural_cleanse(apply_fn, _model(True), x, y, config.replace(progress=stop),
+                      key=jax.random.PRNGKey(3))
+  assert (tmp_path / nc.CHECKPOINT_FILE).is_file()
+  resumed = nc.neural_cleanse(apply_fn, _model(True), x, y, config, key=jax.random.PRNGKey(3))
+  whole = nc.neural_cleanse(apply_fn, _model(True), x, y, config.replace(checkpoint_dir=None),
+                            key=jax.random.PRNGKey(3))
+  assert not (tmp_path / nc.CHECKPOINT_FILE).exists()
+  entry = resumed.history[0]
+  assert entry["resumed_from"] == 20 and entry["seconds"] > entry["seconds_before"] > 0
+  assert entry["flagged"] == whole.history[0]["flagged"]
+  np.testing.assert_array_equal(entry["masks"], whole.history[0]["masks"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.variables, whole.variables)
+
+
 def test_tabor_terms_by_hand():
   rng = np.random.RandomState(0)
   mask = rng.rand(4, 5, 1).astype(np.float32)
@@ -267,6 +337,9 @@ def test_anomaly_index_by_hand():
     (nc.NCConfig, dict(learning_rate=float("nan")), "learning_rate"),
     (tabor.TABORConfig, dict(r4_weight=-1.0), "r4_weight"),
     (tabor.TABORConfig, dict(patience=0), "TABORConfig.patience"),
+    (nc.NCConfig, dict(log_every=0), "log_every"),
+    (nc.NCConfig, dict(progress="yes"), "progress"),
+    (nc.NCConfig, dict(checkpoint_dir=3), "checkpoint_dir"),
 ])
 def test_config_validation(cls, change, match):
   with pytest.raises(ValueError, match=match):

@@ -503,6 +503,47 @@ def test_every_defense_runs_through_the_pipeline(tmp_path, capsys):
       assert c["rounds"], c["defense"]
   # Before-numbers are the poisoned model's in every cell, DP-SGD's included.
   assert len({(c["acc_before"], c["asr_before"]) for c in cells}) == 1
+  # Neural Cleanse and TABOR saved their state while running; nothing is left of it.
+  assert not [p for p in (workdir / "partial").rglob("*") if p.is_file()]
+
+
+def test_an_interrupted_neural_cleanse_cell_resumes_and_counts_its_earlier_seconds(tmp_path):
+  import flax.linen as nn
+  import jax
+  from ibau_jax.defenses import nc
+
+  model = nn.Dense(4)
+  variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 48), np.float32))
+  apply_fn = lambda v, x: model.apply(v, x.reshape((x.shape[0], -1)))
+  rng = np.random.RandomState(0)
+  x, y = rng.rand(64, 4, 4, 3).astype(np.float32), np.arange(64) % 4
+  no_metrics = lambda v: {"acc": 0.0, "asr": 0.0, "ra": 0.0}
+  config = nc.NCConfig(steps=20, log_every=5, batch_size=16, unlearn_epochs=1)
+
+  class Stop(Exception):
+    pass
+
+  def stop(done, total):
+    if done == 10:
+      time.sleep(2.0)  # an interrupted run that took longer than the resumed one
+      raise Stop
+
+  run = lambda c: pipeline.run_defense("nc", c, apply_fn, variables, x, y,
+                                       jax.random.PRNGKey(1), no_metrics, eval_every=0,
+                                       checkpoint_dir=tmp_path / "partial")
+  with pytest.raises(Stop):
+    run(config.replace(progress=stop))
+  assert (tmp_path / "partial" / nc.CHECKPOINT_FILE).is_file()
+  _, rounds, seconds, _ = run(config)
+  assert rounds[0]["resumed_from"] == 10 and rounds[0]["seconds_before"] >= 2.0
+  # The cell's seconds count the interrupted run's (stage 0's seconds include them).
+  assert seconds >= rounds[0]["seconds"] > rounds[0]["seconds_before"]
+  # The hooks and the checkpoint folder are not settings a sweep can be given.
+  smoke = pipeline.preset("smoke", "cifar10").to_dict()
+  for field in ("progress", "checkpoint_dir"):
+    with pytest.raises(ValueError, match="unknown nc fields"):
+      pipeline.ExperimentConfig.from_dict(
+          {**smoke, "defense_settings": {"nc": {field: None}}}).defense_config("nc")
 
 
 def test_cpu_preset_shortens_the_slow_defenses_and_the_command_line_restores_them():

@@ -17,8 +17,10 @@ trigger is abnormally small, and unlearn the flagged triggers.
    ``attack_threshold = 0.99``, ``λ_t ← 1.5 λ_t``; after ``patience`` consecutive steps below
    it, ``λ_t ← λ_t / 1.5^1.5``.  The kept trigger is the one with the smallest ``‖m_t‖₁``
    among the steps that reached the threshold (the final one if none did).  All classes are
-   optimised together: one ``jax.jit``-compiled ``lax.scan`` over steps of a program
-   ``vmap``-ed over ``t`` (every class sees the same batches).
+   optimised together: ``jax.jit``-compiled ``lax.scan`` chunks of ``log_every`` steps of a
+   program ``vmap``-ed over ``t`` (every class sees the same batches); after each chunk
+   ``progress(steps_done, steps)`` runs and, with ``checkpoint_dir``, the state is saved, so
+   that an interrupted run resumes where it stopped and ends exactly as an uninterrupted one.
 2. **Detection.**  With ``n_t = ‖m_t‖₁``, median ``μ̃`` and ``MAD = median_t |n_t − μ̃|``,
    the anomaly index is ``a_t = |n_t − μ̃| / (1.4826 · MAD)``; class ``t`` is flagged when
    ``n_t < μ̃`` and ``a_t > anomaly_threshold = 2``.
@@ -47,9 +49,9 @@ images stamped.  Where this implementation simplifies:
 
 The model runs in inference mode throughout (the caller's ``apply_fn``); only
 ``variables["params"]`` change during unlearning and every other collection passes
-through.  Step 1 is one compiled program and each unlearning epoch another (a ``lax.scan``
-over batches); calls with the same shapes, the same ``apply_fn`` object and the same
-step-1 (unlearning) settings reuse them.  :mod:`ibau_jax.defenses.tabor` reuses all of
+through.  Step 1 is a compiled chunk program (a second one for a shorter last chunk) and
+each unlearning epoch another (a ``lax.scan`` over batches); calls with the same shapes, the
+same ``apply_fn`` object and the same step-1 (unlearning) settings reuse them.  :mod:`ibau_jax.defenses.tabor` reuses all of
 this with extra regularisers ``R``.
 
 History (a list of dicts, one per stage, each with ``stage`` and ``seconds``):
@@ -58,7 +60,9 @@ History (a list of dicts, one per stage, each with ``stage`` and ``seconds``):
   ``anomaly_index`` (per class), ``flagged`` (sorted class indices), ``reached`` (whether
   the trigger of each class reached ``attack_threshold`` on some batch), ``cost`` (final
   ``λ_t``), ``masks`` (``np.ndarray`` ``(K, H, W, 1)``) and ``patterns`` (``(K, H, W, C)``),
-  the kept triggers of every class;
+  the kept triggers of every class; ``resumed_from`` (the step a checkpoint resumed from, 0
+  without one) and ``seconds_before`` (the seconds of the interrupted runs before it, which
+  ``seconds`` includes);
 * ``history[1]`` (only when a class was flagged), ``stage="unlearning"``: ``epoch_losses``
   (mean loss per epoch) and ``trigger_classes`` (the flagged classes whose triggers were
   stamped).
@@ -70,6 +74,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
+import pathlib
 import time
 from typing import Any, Callable, Optional
 
@@ -78,6 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ibau_jax import files
 from ibau_jax.defenses import _checks
 
 PyTree = Any
@@ -110,6 +118,14 @@ class NCConfig:
     unlearn_learning_rate: learning rate of the unlearning.
     unlearn_momentum: SGD momentum of the unlearning (ignored by Adam).
     callback: ``callback(stage_index, stats, variables)`` after every stage.
+    log_every: reverse-engineering steps per compiled chunk, per ``progress`` call and per
+      checkpoint (the result does not depend on it).
+    progress: ``progress(steps_done, steps)`` after every chunk of the reverse engineering.
+    checkpoint_dir: a folder in which the reverse engineering saves its state after every
+      chunk (``nc_reverse.npz``, written atomically); a run given the same folder, inputs,
+      key and settings resumes from it and returns what an uninterrupted run returns (a
+      state made with anything else is ignored and overwritten).  The file is deleted when
+      the defense returns.  None: nothing is saved.
   """
 
   steps: int = 1000
@@ -129,10 +145,16 @@ class NCConfig:
   unlearn_momentum: float = 0.9
   callback: Optional[Callable[[int, dict, PyTree], Any]] = dataclasses.field(
       default=None, compare=False)
+  # How the work is run and saved, not what it computes: compare=False keeps them out of
+  # the compiled programs' cache keys and out of the settings an experiment records.
+  log_every: int = dataclasses.field(default=25, compare=False)
+  progress: Optional[Callable[[int, int], Any]] = dataclasses.field(default=None,
+                                                                    compare=False)
+  checkpoint_dir: Optional[str] = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
     name = type(self).__name__
-    _checks.integers(name, self, ("steps", "batch_size", "patience"))
+    _checks.integers(name, self, ("steps", "batch_size", "patience", "log_every"))
     _checks.integers(name, self, ("unlearn_epochs",), minimum=0)
     # Loose checks (bounds only; NaN fails, infinities pass where the bounds allow).
     _checks.reals(name, self, ("learning_rate",), minimum=0, min_open=True, strict=False)
@@ -146,6 +168,12 @@ class NCConfig:
     if self.unlearn_optimizer not in ("sgd", "adam"):
       raise ValueError(f"{name}.unlearn_optimizer must be 'sgd' or 'adam', got "
                        f"{self.unlearn_optimizer!r}")
+    _checks.optional_callable(name, self, "callback")
+    _checks.optional_callable(name, self, "progress")
+    if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir,
+                                                          (str, os.PathLike)):
+      raise ValueError(f"{name}.checkpoint_dir must be a path or None, got "
+                       f"{self.checkpoint_dir!r}")
 
   def replace(self, **changes):
     return dataclasses.replace(self, **changes)
@@ -193,19 +221,40 @@ def _logits_fn(apply_fn, variables):
   return lambda x: apply_fn(variables, x)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _reverse(config: NCConfig, apply_fn, regulariser: Optional[Regulariser], num_classes: int,
-             variables, images, labels, key):
-  n, h, w, c = images.shape
-  bsz = config.batch_size
-  per_epoch = n // bsz
-  k_mask, k_pattern, k_data = jax.random.split(key, 3)
+def _reverse_init(num_classes: int, shape, key):
+  """The state before step 0: random masks and patterns (in logit space), Adam's state,
+  the costs, the schedule's counters and the best trigger so far, per class."""
+  h, w, c = shape
+  k_mask, k_pattern, _ = jax.random.split(key, 3)
   shape_m, shape_p = (num_classes, h, w, 1), (num_classes, h, w, c)
   logit = lambda u: jnp.log(u) - jnp.log1p(-u)
   weights = (logit(jax.random.uniform(k_mask, shape_m, minval=0.05, maxval=0.95)),
              logit(jax.random.uniform(k_pattern, shape_p, minval=0.05, maxval=0.95)))
+  zeros = jnp.zeros((num_classes,), jnp.int32)
+  best = dict(norm=jnp.full((num_classes,), jnp.inf), reached=jnp.zeros((num_classes,), bool),
+              mask=jnp.zeros(shape_m), pattern=jnp.zeros(shape_p))
+  return weights, zeros, best
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _reverse_start(config: NCConfig, apply_fn, regulariser, num_classes: int, shape, key):
+  del apply_fn, regulariser  # (static arguments shared with _reverse_chunk's cache key)
+  weights, zeros, best = _reverse_init(num_classes, shape, key)
   tx = optax.adam(config.learning_rate, b1=config.beta1, b2=config.beta2)
-  opt_state = jax.vmap(tx.init)(weights)
+  cost = jnp.full((num_classes,), config.init_cost, jnp.float32)
+  return (weights, jax.vmap(tx.init)(weights), cost, zeros, zeros, best)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _reverse_chunk(config: NCConfig, apply_fn, regulariser: Optional[Regulariser],
+                   num_classes: int, length: int, variables, images, labels, key, carry,
+                   first):
+  """Steps ``first, ..., first + length − 1`` of the reverse engineering, from ``carry``."""
+  n = images.shape[0]
+  bsz = config.batch_size
+  per_epoch = n // bsz
+  k_data = jax.random.split(key, 3)[2]
+  tx = optax.adam(config.learning_rate, b1=config.beta1, b2=config.beta2)
   targets = jnp.arange(num_classes)
   logits_fn = _logits_fn(apply_fn, variables)
 
@@ -249,18 +298,67 @@ def _reverse(config: NCConfig, apply_fn, regulariser: Optional[Regulariser], num
     down = jnp.where(lower, 0, down)
     return (wts, opt_state, cost, up, down, best), None
 
-  zeros = jnp.zeros((num_classes,), jnp.int32)
-  best = dict(norm=jnp.full((num_classes,), jnp.inf), reached=jnp.zeros((num_classes,), bool),
-              mask=jnp.zeros(shape_m), pattern=jnp.zeros(shape_p))
-  cost = jnp.full((num_classes,), config.init_cost, jnp.float32)
-  carry = (weights, opt_state, cost, zeros, zeros, best)
-  (wts, _, cost, _, _, best), _ = jax.lax.scan(step, carry, jnp.arange(config.steps))
+  carry, _ = jax.lax.scan(step, carry, first + jnp.arange(length))
+  return carry
+
+
+def _reverse_result(carry) -> dict:
+  wts, _, cost, _, _, best = carry
   reached = best["reached"]
   as_nd = lambda r: r.reshape((-1, 1, 1, 1))
   mask = jnp.where(as_nd(reached), best["mask"], jax.nn.sigmoid(wts[0]))
   pattern = jnp.where(as_nd(reached), best["pattern"], jax.nn.sigmoid(wts[1]))
   return dict(masks=mask, patterns=pattern, norms=jnp.sum(mask, axis=(1, 2, 3)),
               reached=reached, cost=cost)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints of the reverse engineering
+# ----------------------------------------------------------------------------------------
+
+CHECKPOINT_FILE = "nc_reverse.npz"
+
+
+def _fingerprint(config: NCConfig, regulariser, num_classes, variables, images, labels,
+                 key) -> str:
+  """A digest of everything the reverse engineering's result depends on."""
+  h = hashlib.sha256()
+  settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.compare}
+  h.update(repr((type(config).__name__, sorted(settings.items()), num_classes,
+                 getattr(regulariser, "__module__", None),
+                 getattr(regulariser, "__qualname__", None))).encode())
+  for leaf in jax.tree_util.tree_leaves((variables, images, labels, jax.random.key_data(key)
+                                         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                         else key)):
+    a = np.asarray(leaf)
+    h.update(repr((a.dtype.str, a.shape)).encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def _load_state(path: pathlib.Path, fingerprint: str, template):
+  """``(step, seconds, carry)`` from a checkpoint made with the same fingerprint, else None."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if str(f["fingerprint"]) != fingerprint:
+        return None
+      leaves, treedef = jax.tree_util.tree_flatten(template)
+      loaded = [jnp.asarray(f[f"leaf_{i}"]) for i in range(len(leaves))]
+      if any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(loaded, leaves)):
+        return None
+      return int(f["step"]), float(f["seconds"]), jax.tree_util.tree_unflatten(treedef, loaded)
+  except (OSError, KeyError, ValueError):
+    return None  # a missing, foreign or damaged file: start afresh
+
+
+def _save_state(path: pathlib.Path, fingerprint: str, step: int, seconds: float, carry):
+  import io
+  buffer = io.BytesIO()
+  leaves = jax.tree_util.tree_leaves(carry)
+  np.savez(buffer, fingerprint=np.asarray(fingerprint), step=np.asarray(step),
+           seconds=np.asarray(seconds),
+           **{f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
+  files.atomic_write(path, buffer.getvalue())
 
 
 _DETECTION_AND_UNLEARNING = ("anomaly_threshold", "unlearn_epochs", "unlearn_fraction",
@@ -293,16 +391,45 @@ def reverse_engineer(apply_fn, variables: PyTree, images, labels, config: NCConf
                      *, key: jax.Array, regulariser: Optional[Regulariser] = None) -> dict:
   """Step 1 alone: the kept trigger of every class (inputs are not checked here).
 
+  Runs ``config.steps`` steps in compiled chunks of ``config.log_every``, calling
+  ``config.progress`` and saving to ``config.checkpoint_dir`` (when given) after each;
+  resumes from a matching checkpoint there (the file is kept: :func:`run_defense` deletes
+  it when the whole defense is done).
+
   Returns:
     ``{"masks": (K, H, W, 1), "patterns": (K, H, W, C), "norms": (K,), "reached": (K,),
-    "cost": (K,)}`` as NumPy arrays (see the module docstring).
+    "cost": (K,), "resumed_from": int, "seconds_before": float}`` (NumPy arrays; the last two:
+    the step this call started from and the seconds spent on the earlier steps by
+    interrupted calls, both 0 without a checkpoint).
   """
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   num_classes = _num_classes(apply_fn, variables, images)
-  out = _reverse(_reverse_static(config), apply_fn, regulariser, num_classes, variables,
-                 images, labels, key)
-  return {k: np.asarray(v) for k, v in out.items()}
+  static = _reverse_static(config)
+  shape = tuple(images.shape[1:])
+  carry = _reverse_start(static, apply_fn, regulariser, num_classes, shape, key)
+  step, seconds_before = 0, 0.0
+  path = fingerprint = None
+  if config.checkpoint_dir is not None:
+    path = pathlib.Path(config.checkpoint_dir) / CHECKPOINT_FILE
+    fingerprint = _fingerprint(static, regulariser, num_classes, variables, images, labels, key)
+    loaded = _load_state(path, fingerprint, carry)
+    if loaded is not None:
+      step, seconds_before, carry = loaded
+  resumed_from = step
+  start = time.perf_counter()
+  while step < config.steps:
+    length = min(config.log_every, config.steps - step)
+    carry = _reverse_chunk(static, apply_fn, regulariser, num_classes, length, variables,
+                           images, labels, key, carry, jnp.int32(step))
+    step += length
+    if path is not None:
+      _save_state(path, fingerprint, step, seconds_before + time.perf_counter() - start, carry)
+    if config.progress is not None:
+      config.progress(step, config.steps)
+  out = {k: np.asarray(v) for k, v in _reverse_result(carry).items()}
+  out.update(resumed_from=resumed_from, seconds_before=seconds_before)
+  return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,11 +497,13 @@ def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *
                anomaly_index=anomaly_index(rev["norms"]).tolist(), flagged=flagged,
                reached=rev["reached"].tolist(), cost=rev["cost"].tolist(),
                masks=rev["masks"], patterns=rev["patterns"],
-               seconds=time.perf_counter() - start)
+               resumed_from=rev["resumed_from"], seconds_before=rev["seconds_before"],
+               seconds=time.perf_counter() - start + rev["seconds_before"])
   history.append(entry)
   if config.callback is not None:
     config.callback(0, dict(entry), variables)
   if not flagged:
+    _remove_checkpoint(config)
     return DefenseResult(variables=variables, history=history)
 
   start = time.perf_counter()
@@ -396,7 +525,13 @@ def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *
   history.append(entry)
   if config.callback is not None:
     config.callback(1, dict(entry), defended)
+  _remove_checkpoint(config)
   return DefenseResult(variables=defended, history=history)
+
+
+def _remove_checkpoint(config: NCConfig) -> None:
+  if config.checkpoint_dir is not None:
+    (pathlib.Path(config.checkpoint_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
 def neural_cleanse(apply_fn, variables: PyTree, images, labels, config: NCConfig = NCConfig(),
