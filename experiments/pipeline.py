@@ -16,10 +16,10 @@ One cell = (attack, defense, seed):
    ``results.csv``, ``results.md`` and the plots in ``workdir/plots/``.
 
 Finished cells are skipped when the same command runs again, so a sweep killed at any moment
-(even ``kill -9``) continues where it stopped.  Within a cell, Neural Cleanse and TABOR (the
-slowest defenses) save their reverse engineering every ``log_every`` steps in
+(even ``kill -9``) continues where it stopped.  Within a cell, Neural Cleanse, TABOR and ANP
+(the slowest defenses) save their state every ``log_every`` steps in
 ``workdir/partial/<cell>/`` and resume from there; the cell's seconds include the
-interrupted runs' (deleted once the cell is written).  ``workdir/config.json`` holds the resolved
+interrupted runs' (the folder is deleted once the cell is written).  ``workdir/config.json`` holds the resolved
 configuration; a work directory made with a different configuration is refused.
 
 Splits.  CIFAR-10: the attacker trains on the first ``train_size`` (45,000) training images,
@@ -549,8 +549,8 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   with the metrics where evaluated), the defense's own seconds (without the evaluations;
   with the seconds of interrupted earlier runs that a checkpoint resumed) and its
   recovered perturbation (None if it has none).  ``checkpoint_dir`` goes to the defenses
-  that can save and resume their work (a ``checkpoint_dir`` config field: Neural Cleanse
-  and TABOR); the others ignore it.
+  that can save and resume their work (a ``checkpoint_dir`` config field: Neural Cleanse,
+  TABOR and ANP); the others ignore it.
   """
   from ibau_jax import defenses
   fn, _ = defenses.get_defense(defense)

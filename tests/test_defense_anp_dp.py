@@ -157,6 +157,53 @@ def test_anp_ranges_history_callback_and_pass_through():
   _assert_trees_equal(result.variables["batch_stats"], variables["batch_stats"])
 
 
+def test_an_interrupted_anp_resumes_to_the_uninterrupted_result(tmp_path):
+  variables = _small_variables()
+  x, y = _small_data(24)
+  config = anp_lib.ANPConfig(iterations=9, batch_size=8, log_every=3, eps=0.3,
+                             learning_rate=2.0, threshold=0.5)
+  whole = anp_lib.anp(apply_small, variables, x, y, config, key=jax.random.PRNGKey(0))
+
+  class Stop(Exception):
+    pass
+
+  def stop(i, stats, v):
+    if i == 6:
+      raise Stop
+
+  saved = config.replace(checkpoint_dir=str(tmp_path))
+  with pytest.raises(Stop):
+    anp_lib.anp(apply_small, variables, x, y, saved.replace(callback=stop),
+                key=jax.random.PRNGKey(0))
+  path = tmp_path / anp_lib.CHECKPOINT_FILE
+  with np.load(path) as f:
+    assert int(f["step"]) == 6
+  seen = []
+  resumed = anp_lib.anp(apply_small, variables, x, y,
+                        saved.replace(callback=lambda i, s, v: seen.append((i, s, v))),
+                        key=jax.random.PRNGKey(0))
+  assert not path.exists()
+  _assert_trees_equal(resumed.variables, whole.variables)
+  # The two saved entries are replayed (with their earlier seconds), then the third is new.
+  assert [i for i, _, _ in seen] == [3, 6, 9]
+  assert [("seconds_before" in s) for _, s, _ in seen] == [True, True, False]
+  for h, w in zip(resumed.history, whole.history):
+    assert h["iteration"] == w["iteration"] and h["pruned"] == w["pruned"]
+    assert h["loss"] == w["loss"] and h["num_pruned"] == w["num_pruned"]
+    for k in w["masks"]:
+      np.testing.assert_array_equal(h["masks"][k], w["masks"][k])
+  _assert_trees_equal(seen[1][2], anp_lib.prune_neurons(variables, whole.history[1]["pruned"]))
+  # A checkpoint of another problem (another key) is not used.
+  with pytest.raises(Stop):
+    anp_lib.anp(apply_small, variables, x, y, saved.replace(callback=stop),
+                key=jax.random.PRNGKey(0))
+  seen.clear()
+  anp_lib.anp(apply_small, variables, x, y,
+              saved.replace(callback=lambda i, s, v: seen.append((i, s, v))),
+              key=jax.random.PRNGKey(1))
+  assert [("seconds_before" in s) for _, s, _ in seen] == [False, False, False]
+
+
 def test_one_anp_iteration_equals_hand_computation():
   variables = _small_variables(1)
   x, y = _small_data(8, seed=1)
@@ -231,6 +278,7 @@ def test_anp_layers_and_errors():
     (dict(layers="bn0"), "string"), (dict(layers=()), "layers"),
     (dict(layers=("bn0", "bn0")), "repeated"), (dict(anp_steps=0), "anp_steps"),
     (dict(log_every=0), "log_every"), (dict(callback=3), "callback"),
+    (dict(checkpoint_dir=1), "checkpoint_dir"),
 ])
 def test_anp_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):

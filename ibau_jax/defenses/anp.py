@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -55,12 +56,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ibau_jax.defenses import _checks
+from ibau_jax.defenses import _checks, _resume
 from ibau_jax.defenses import layers as layer_lib
 
 PyTree = Any
 
 _PRUNE_BY = ("threshold", "number", "fraction")
+CHECKPOINT_FILE = "anp.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,13 @@ class ANPConfig:
     log_every: iterations per history entry (and per compiled ``lax.scan`` chunk).
     callback: ``callback(iteration, stats, variables)`` after every ``log_every`` iterations,
       ``variables`` pruned by the current masks.
+    checkpoint_dir: a folder in which the mask optimisation saves its state and history
+      after every chunk (``anp.npz``, written atomically); a run given the same folder,
+      inputs, key and settings resumes from it, first replaying the saved history entries
+      to ``callback`` (each marked ``seconds_before``: the seconds it took in the earlier
+      run), and returns what an uninterrupted run returns.  A state made with anything else
+      is ignored and overwritten; the file is deleted when the defense returns.  None:
+      nothing is saved.
   """
 
   iterations: int = 500
@@ -105,9 +114,11 @@ class ANPConfig:
   log_every: int = 100
   callback: Optional[Callable[[int, dict, PyTree], Any]] = dataclasses.field(
       default=None, compare=False)
+  checkpoint_dir: Optional[str] = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
     _checks.integers("ANPConfig", self, ("iterations", "batch_size", "anp_steps", "log_every"))
+    _resume.check_folder("ANPConfig", self.checkpoint_dir)
     _checks.integers("ANPConfig", self, ("prune_number",), minimum=0)
     _checks.reals("ANPConfig", self, ("eps",), minimum=0)
     _checks.reals("ANPConfig", self, ("alpha",), 0, 1, strict=False)
@@ -330,6 +341,7 @@ def anp(apply_fn, variables: PyTree, images, labels, config: ANPConfig = ANPConf
     ``noise_abs_max`` (largest |δ|, |ξ| used), ``masks`` (``{layer: np.ndarray}``),
     ``mask_min``, ``mask_max``, ``pruned`` (``{layer: indices}`` the current masks would
     prune), ``num_pruned`` and ``seconds``.  The last entry's ``pruned`` is what was pruned.
+    Entries restored from a checkpoint also have ``seconds_before`` (equal to ``seconds``).
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
   check_inputs(apply_fn, variables, images, labels, config.batch_size)
@@ -359,6 +371,20 @@ def anp(apply_fn, variables: PyTree, images, labels, config: ANPConfig = ANPConf
 
   history = []
   done = 0
+  path = _resume.path(config.checkpoint_dir, CHECKPOINT_FILE)
+  digest = ""
+  if path is not None:
+    digest = _resume.fingerprint(static, names, arrays=(variables, images, labels, key))
+    loaded = _resume.load(path, digest, (masks, opt_state))
+    if loaded is not None:
+      done, _, (masks, opt_state), text = loaded
+      for entry in json.loads(text):
+        entry["masks"] = {k: np.asarray(v, np.float32) for k, v in entry["masks"].items()}
+        entry["seconds_before"] = entry["seconds"]
+        history.append(entry)
+        if config.callback is not None:
+          config.callback(entry["iteration"], dict(entry),
+                          prune_neurons(variables, entry["pruned"], config.zero_bias))
   while done < config.iterations:
     start = time.perf_counter()
     end = min(done + config.log_every, config.iterations)
@@ -380,8 +406,12 @@ def anp(apply_fn, variables: PyTree, images, labels, config: ANPConfig = ANPConf
                  num_pruned=int(sum(v.size for v in pruned.values())),
                  seconds=time.perf_counter() - start)
     history.append(entry)
+    _resume.save(path, digest, done, sum(h["seconds"] for h in history), (masks, opt_state),
+                 _resume.to_json([{k: v for k, v in h.items() if k != "seconds_before"}
+                                  for h in history]))
     if config.callback is not None:
       config.callback(done, dict(entry), prune_neurons(variables, pruned, config.zero_bias))
   pruned = select_pruned({k: np.asarray(masks[k]) for k in names}, config)
+  _resume.remove(path)
   return DefenseResult(variables=prune_neurons(variables, pruned, config.zero_bias),
                        history=history)

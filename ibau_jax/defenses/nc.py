@@ -74,9 +74,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import os
-import pathlib
 import time
 from typing import Any, Callable, Optional
 
@@ -85,8 +82,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ibau_jax import files
-from ibau_jax.defenses import _checks
+from ibau_jax.defenses import _checks, _resume
 
 PyTree = Any
 # regulariser(config, logits_fn, mask, pattern, x, y, t) -> scalar, added to the per-class
@@ -170,10 +166,7 @@ class NCConfig:
                        f"{self.unlearn_optimizer!r}")
     _checks.optional_callable(name, self, "callback")
     _checks.optional_callable(name, self, "progress")
-    if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir,
-                                                          (str, os.PathLike)):
-      raise ValueError(f"{name}.checkpoint_dir must be a path or None, got "
-                       f"{self.checkpoint_dir!r}")
+    _resume.check_folder(name, self.checkpoint_dir)
 
   def replace(self, **changes):
     return dataclasses.replace(self, **changes)
@@ -312,53 +305,7 @@ def _reverse_result(carry) -> dict:
               reached=reached, cost=cost)
 
 
-# ----------------------------------------------------------------------------------------
-# Checkpoints of the reverse engineering
-# ----------------------------------------------------------------------------------------
-
 CHECKPOINT_FILE = "nc_reverse.npz"
-
-
-def _fingerprint(config: NCConfig, regulariser, num_classes, variables, images, labels,
-                 key) -> str:
-  """A digest of everything the reverse engineering's result depends on."""
-  h = hashlib.sha256()
-  settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.compare}
-  h.update(repr((type(config).__name__, sorted(settings.items()), num_classes,
-                 getattr(regulariser, "__module__", None),
-                 getattr(regulariser, "__qualname__", None))).encode())
-  for leaf in jax.tree_util.tree_leaves((variables, images, labels, jax.random.key_data(key)
-                                         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-                                         else key)):
-    a = np.asarray(leaf)
-    h.update(repr((a.dtype.str, a.shape)).encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()
-
-
-def _load_state(path: pathlib.Path, fingerprint: str, template):
-  """``(step, seconds, carry)`` from a checkpoint made with the same fingerprint, else None."""
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      if str(f["fingerprint"]) != fingerprint:
-        return None
-      leaves, treedef = jax.tree_util.tree_flatten(template)
-      loaded = [jnp.asarray(f[f"leaf_{i}"]) for i in range(len(leaves))]
-      if any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(loaded, leaves)):
-        return None
-      return int(f["step"]), float(f["seconds"]), jax.tree_util.tree_unflatten(treedef, loaded)
-  except (OSError, KeyError, ValueError):
-    return None  # a missing, foreign or damaged file: start afresh
-
-
-def _save_state(path: pathlib.Path, fingerprint: str, step: int, seconds: float, carry):
-  import io
-  buffer = io.BytesIO()
-  leaves = jax.tree_util.tree_leaves(carry)
-  np.savez(buffer, fingerprint=np.asarray(fingerprint), step=np.asarray(step),
-           seconds=np.asarray(seconds),
-           **{f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
-  files.atomic_write(path, buffer.getvalue())
 
 
 _DETECTION_AND_UNLEARNING = ("anomaly_threshold", "unlearn_epochs", "unlearn_fraction",
@@ -409,13 +356,15 @@ def reverse_engineer(apply_fn, variables: PyTree, images, labels, config: NCConf
   shape = tuple(images.shape[1:])
   carry = _reverse_start(static, apply_fn, regulariser, num_classes, shape, key)
   step, seconds_before = 0, 0.0
-  path = fingerprint = None
-  if config.checkpoint_dir is not None:
-    path = pathlib.Path(config.checkpoint_dir) / CHECKPOINT_FILE
-    fingerprint = _fingerprint(static, regulariser, num_classes, variables, images, labels, key)
-    loaded = _load_state(path, fingerprint, carry)
+  path = _resume.path(config.checkpoint_dir, CHECKPOINT_FILE)
+  digest = ""
+  if path is not None:
+    digest = _resume.fingerprint(static, num_classes, getattr(regulariser, "__module__", None),
+                                 getattr(regulariser, "__qualname__", None),
+                                 arrays=(variables, images, labels, key))
+    loaded = _resume.load(path, digest, carry)
     if loaded is not None:
-      step, seconds_before, carry = loaded
+      step, seconds_before, carry, _ = loaded
   resumed_from = step
   start = time.perf_counter()
   while step < config.steps:
@@ -423,8 +372,7 @@ def reverse_engineer(apply_fn, variables: PyTree, images, labels, config: NCConf
     carry = _reverse_chunk(static, apply_fn, regulariser, num_classes, length, variables,
                            images, labels, key, carry, jnp.int32(step))
     step += length
-    if path is not None:
-      _save_state(path, fingerprint, step, seconds_before + time.perf_counter() - start, carry)
+    _resume.save(path, digest, step, seconds_before + time.perf_counter() - start, carry)
     if config.progress is not None:
       config.progress(step, config.steps)
   out = {k: np.asarray(v) for k, v in _reverse_result(carry).items()}
@@ -530,8 +478,7 @@ def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *
 
 
 def _remove_checkpoint(config: NCConfig) -> None:
-  if config.checkpoint_dir is not None:
-    (pathlib.Path(config.checkpoint_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
+  _resume.remove(_resume.path(config.checkpoint_dir, CHECKPOINT_FILE))
 
 
 def neural_cleanse(apply_fn, variables: PyTree, images, labels, config: NCConfig = NCConfig(),
