@@ -16,8 +16,9 @@ One cell = (attack, defense, seed):
    ``results.csv``, ``results.md`` and the plots in ``workdir/plots/``.
 
 Finished cells are skipped when the same command runs again, so a sweep killed at any moment
-(even ``kill -9``) continues where it stopped.  Within a cell, Neural Cleanse, TABOR and ANP
-(the slowest defenses) save their state every ``log_every`` steps in
+(even ``kill -9``) continues where it stopped.  Within a cell, Neural Cleanse, TABOR, ANP and
+DeepInspect (the slowest defenses) save their state every ``log_every`` steps (DeepInspect:
+after each of its first two stages) in
 ``workdir/partial/<cell>/`` and resume from there; the cell's seconds include the
 interrupted runs' (the folder is deleted once the cell is written).  ``workdir/config.json`` holds the resolved
 configuration; a work directory made with a different configuration is refused.
@@ -550,7 +551,7 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   with the seconds of interrupted earlier runs that a checkpoint resumed) and its
   recovered perturbation (None if it has none).  ``checkpoint_dir`` goes to the defenses
   that can save and resume their work (a ``checkpoint_dir`` config field: Neural Cleanse,
-  TABOR and ANP); the others ignore it.
+  TABOR, ANP and DeepInspect); the others ignore it.
   """
   from ibau_jax import defenses
   fn, _ = defenses.get_defense(defense)

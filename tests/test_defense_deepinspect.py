@@ -257,6 +257,42 @@ def test_scan_and_python_loops_agree():
   assert sa["final_loss"] == pytest.approx(sb["final_loss"], rel=1e-4)
 
 
+def test_an_interrupted_run_resumes_after_its_saved_stages(tmp_path):
+  x, y = _clean_set()
+  # A tiny threshold flags about half of the classes, so that patching runs too.
+  config = CONFIG.replace(inversion_steps=5, generator_steps=5, patch_epochs=1,
+                          threshold=1e-6)
+  key = jax.random.PRNGKey(3)
+  whole = di.deepinspect(apply_fn, _model(), x, y, config, key=key)
+  assert whole.history[3]["patched"]
+
+  class Stop(Exception):
+    pass
+
+  path = tmp_path / di.CHECKPOINT_FILE
+  for stop_at, saved_step in ((0, 1), (2, 2)):
+    def stop(stage, stats, v, stop_at=stop_at):
+      if stage == stop_at:
+        raise Stop
+
+    saved = config.replace(checkpoint_dir=str(tmp_path))
+    with pytest.raises(Stop):
+      di.deepinspect(apply_fn, _model(), x, y, saved.replace(callback=stop), key=key)
+    with np.load(path) as f:
+      assert int(f["step"]) == saved_step
+    seen = []
+    resumed = di.deepinspect(apply_fn, _model(), x, y,
+                             saved.replace(callback=lambda i, s, v: seen.append((i, s))),
+                             key=key)
+    assert not path.exists()
+    assert [i for i, _ in seen] == [0, 1, 2, 3]
+    assert [("seconds_before" in s) for _, s in seen] == [i < saved_step for i in range(4)]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.variables, whole.variables)
+    np.testing.assert_array_equal(resumed.history[1]["statistic"], whole.history[1]["statistic"])
+    assert resumed.history[2]["flagged"] == whole.history[2]["flagged"]
+    assert resumed.history[3]["losses"] == whole.history[3]["losses"]
+
+
 # ----------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------
@@ -284,6 +320,7 @@ def test_scan_and_python_loops_agree():
     (dict(use_clean_set_for_generation=1), "use_clean_set_for_generation"),
     (dict(loop="gpu"), "loop"),
     (dict(callback=3), "callback"),
+    (dict(checkpoint_dir=[]), "checkpoint_dir"),
 ])
 def test_config_validation(change, match):
   with pytest.raises(ValueError, match=match):

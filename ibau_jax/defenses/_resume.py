@@ -53,8 +53,8 @@ def path(folder: Optional[str | os.PathLike], name: str) -> Optional[pathlib.Pat
 
 def load(file: Optional[pathlib.Path], digest: str, template: PyTree):
   """``(step, seconds, state, text)`` from ``file`` if it was saved with fingerprint
-  ``digest`` and a state shaped like ``template``; else None (also for a missing or
-  damaged file)."""
+  ``digest`` and a state shaped like ``template`` (a pytree of arrays or
+  ``jax.ShapeDtypeStruct``); else None (also for a missing or damaged file)."""
   if file is None or not file.is_file():
     return None
   try:
@@ -63,8 +63,7 @@ def load(file: Optional[pathlib.Path], digest: str, template: PyTree):
         return None
       leaves, treedef = jax.tree_util.tree_flatten(template)
       loaded = [jnp.asarray(f[f"leaf_{i}"]) for i in range(len(leaves))]
-      if any(a.shape != jnp.shape(b) or a.dtype != jnp.asarray(b).dtype
-             for a, b in zip(loaded, leaves)):
+      if any(a.shape != tuple(b.shape) or a.dtype != b.dtype for a, b in zip(loaded, leaves)):
         return None
       return (int(f["step"]), float(f["seconds"]), jax.tree_util.tree_unflatten(treedef, loaded),
               str(f["text"]))

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from typing import Any, Callable, Optional
 
@@ -69,12 +70,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ibau_jax.defenses import _checks
+from ibau_jax.defenses import _checks, _resume
 
 PyTree = Any
 
 #: Consistency constant of the MAD for normally distributed data.
 MAD_SCALE = 1.4826
+CHECKPOINT_FILE = "deepinspect.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,13 @@ class DeepInspectConfig:
       python on CPU, scan elsewhere.  Both give the same result.
     callback: ``callback(stage_index, stats, variables)`` after every stage (0: inversion,
       1: trigger generation, 2: detection, 3: patching); its return value is ignored.
+    checkpoint_dir: a folder in which the inverted images and the trained generator are
+      saved after stages 1 and 2 (``deepinspect.npz``, written atomically); a run given the
+      same folder, inputs, key and settings skips the saved stages (replaying their history
+      entries to ``callback``, each marked ``seconds_before``: its seconds in the earlier
+      run) and returns what an uninterrupted run returns.  A state made with anything else
+      is ignored and overwritten; the file is deleted when the defense returns.  None:
+      nothing is saved.
   """
 
   batch_size: int = 64
@@ -141,9 +150,11 @@ class DeepInspectConfig:
   loop: str = "auto"
   callback: Optional[Callable[[int, dict, PyTree], Any]] = dataclasses.field(
       default=None, compare=False)
+  checkpoint_dir: Optional[str] = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
     name = "DeepInspectConfig"
+    _resume.check_folder(name, self.checkpoint_dir)
     _checks.integers(name, self, ("batch_size", "inversion_per_class", "inversion_steps",
                                   "noise_dim", "generator_hidden", "generator_steps",
                                   "statistic_samples", "patch_epochs"))
@@ -493,28 +504,65 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
   k_inv, k_gen, k_patch = jax.random.split(key, 3)
   history = []
 
-  def finish(name, start, stats, params_now):
+  def finish(name, start, stats, params_now, save_state=None):
     entry = dict(stage=len(history), name=name, **stats,
                  seconds=time.perf_counter() - start)
     history.append(entry)
+    if save_state is not None:
+      save(*save_state)
     if config.callback is not None:
       config.callback(entry["stage"], dict(entry), {**variables, "params": params_now})
 
+  # Stages 1 and 2 are saved (with the history so far) when a checkpoint folder is given.
+  path = _resume.path(config.checkpoint_dir, CHECKPOINT_FILE)
+  done, digest = 0, ""
+  if path is not None:
+    digest = _resume.fingerprint(config, arrays=(variables, images, labels, key))
+    gen_shapes = jax.eval_shape(
+        _generator(_stage_config(config, _GENERATOR_FIELDS), image_shape, num_classes).init,
+        jax.random.PRNGKey(0), jnp.zeros((1, config.noise_dim)), jnp.zeros((1,), jnp.int32))
+    template = dict(inverted=jax.ShapeDtypeStruct(
+        (num_classes, config.inversion_per_class) + image_shape, jnp.float32),
+        gen_params=gen_shapes)
+    loaded = _resume.load(path, digest, template)
+    if loaded is not None:
+      done, _, state, text = loaded
+      inverted, gen_params = state["inverted"], state["gen_params"]
+      for entry in json.loads(text):
+        entry = {k: np.asarray(v, np.float32) if isinstance(v, list) else v
+                 for k, v in entry.items()}
+        entry["seconds_before"] = entry["seconds"]
+        history.append(entry)
+        if config.callback is not None:
+          config.callback(entry["stage"], dict(entry), variables)
+
+  def save(step, inverted, gen_params):
+    if path is not None:
+      if gen_params is None:  # (not trained yet: zeros of its shapes keep the file's layout)
+        gen_params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), gen_shapes)
+      _resume.save(path, digest, step, sum(h["seconds"] for h in history),
+                   dict(inverted=inverted, gen_params=gen_params),
+                   _resume.to_json([{k: v for k, v in h.items() if k != "seconds_before"}
+                                    for h in history]))
+
   # Stage 1: model inversion.
-  start = time.perf_counter()
-  inverted, stats = model_inversion(apply_fn, variables, image_shape, num_classes, config,
-                                    key=k_inv)
+  if done < 1:
+    start = time.perf_counter()
+    inverted, stats = model_inversion(apply_fn, variables, image_shape, num_classes, config,
+                                      key=k_inv)
+    finish("inversion", start, stats, params, save_state=(1, inverted, None))
   inv_images = inverted.reshape((-1,) + image_shape)
   inv_labels = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), config.inversion_per_class)
-  finish("inversion", start, stats, params)
 
   # Stage 2: trigger generation.
-  start = time.perf_counter()
-  substitute = (jnp.concatenate([inv_images, images]) if config.use_clean_set_for_generation
-                else inv_images)
-  gen_params, stats = train_trigger_generator(apply_fn, variables, substitute, num_classes,
-                                              config, key=k_gen)
-  finish("trigger_generation", start, stats, params)
+  if done < 2:
+    start = time.perf_counter()
+    substitute = (jnp.concatenate([inv_images, images]) if config.use_clean_set_for_generation
+                  else inv_images)
+    gen_params, stats = train_trigger_generator(apply_fn, variables, substitute, num_classes,
+                                                config, key=k_gen)
+    finish("trigger_generation", start, stats, params, save_state=(2, inverted, gen_params))
+  stats = history[1]
 
   # Stage 3a: anomaly detection.
   start = time.perf_counter()
@@ -526,6 +574,7 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
   start = time.perf_counter()
   if not flagged:
     finish("patching", start, dict(patched=False, flagged=[], losses=[]), params)
+    _resume.remove(path)
     return DefenseResult(variables=variables, history=history)
   if config.use_clean_set_for_patching:
     patch_x, patch_y = jnp.concatenate([images, inv_images]), jnp.concatenate([labels,
@@ -550,6 +599,7 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
       epoch_losses.append(loss)
     losses.append(float(jnp.mean(jnp.stack(epoch_losses))))
   finish("patching", start, dict(patched=True, flagged=list(flagged), losses=losses), params)
+  _resume.remove(path)
   return DefenseResult(variables={**variables, "params": params}, history=history)
 
 
