@@ -18,10 +18,10 @@ One cell = (attack, defense, seed):
 Finished cells are skipped when the same command runs again, so a sweep killed at any moment
 (even ``kill -9``) continues where it stopped.  Within a cell, Neural Cleanse, TABOR, ANP and
 DeepInspect (the slowest defenses) save their state every ``log_every`` steps (DeepInspect:
-after each of its first two stages) in
-``workdir/partial/<cell>/`` and resume from there; the cell's seconds include the
-interrupted runs' (the folder is deleted once the cell is written).  ``workdir/config.json`` holds the resolved
-configuration; a work directory made with a different configuration is refused.
+after each of its first two stages) in ``workdir/partial/<cell>/`` and resume from there;
+the cell's seconds include the interrupted runs' (the folder is deleted once the cell is
+written).  ``workdir/config.json`` holds the resolved configuration; a work directory made
+with a different configuration is refused.
 
 Splits.  CIFAR-10: the attacker trains on the first ``train_size`` (45,000) training images,
 the defender's clean set is the last ``clean_size`` (5,000) training images, evaluation is the
