@@ -71,10 +71,26 @@ def share_cells(source: pathlib.Path, dest: pathlib.Path, defenses: Sequence[str
 PAPER_BASELINES = ("nc", "tabor", "deepinspect", "fp", "nad", "dp")
 
 
+def versus_ibau(before: dict, ibau: dict, other: dict) -> str:
+  """I-BAU's cell against another defense's in the same row, by the defense effectiveness
+  rating (BackdoorBench's DER, :func:`ibau_jax.metrics.defense_effectiveness_rating`:
+  ``[max(0, ASR_before − ASR_after) − max(0, ACC_before − ACC_after) + 1] / 2``):
+  ``"higher"``, ``"lower"`` or ``"equal"`` (I-BAU's DER against the other's, to 4 decimals,
+  i.e. 0.02 points of ASR or ACC)."""
+  from ibau_jax import metrics
+  der = lambda c: round(metrics.defense_effectiveness_rating(before["acc"], before["asr"],
+                                                             c["acc"], c["asr"]), 4)
+  mine, theirs = der(ibau), der(other)
+  return "higher" if mine > theirs else "lower" if mine < theirs else "equal"
+
+
 def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dict], str]:
-  """Rows ``{attack, seed, before, <defense>: {acc, asr, seconds}, ratio, paper_ratio}``
-  and markdown.  ``ratio``: the fastest baseline's seconds over I-BAU's (``fastest_baseline``
-  names it); ``paper_ratio``: the same over the paper's six (:data:`PAPER_BASELINES`)."""
+  """Rows ``{attack, seed, before, <defense>: {acc, asr, seconds}, ratio, paper_ratio,
+  versus_ibau}`` and markdown.  ``ratio``: the fastest baseline's seconds over I-BAU's
+  (``fastest_baseline`` names it); ``paper_ratio``: the same over the paper's six
+  (:data:`PAPER_BASELINES`); ``versus_ibau``: ``{baseline: I-BAU's DER higher, lower or
+  equal}`` (:func:`versus_ibau`) for the baselines that ran in the row.  The markdown ends with the verdicts counted per
+  baseline over the rows."""
   by_row: dict[tuple, dict] = {}
   for c in cells:
     row = by_row.setdefault((c["attack"], c["seed"]), dict(attack=c["attack"], seed=c["seed"]))
@@ -92,6 +108,9 @@ def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dic
         if times:
           row[f"{key}fastest_baseline"] = min(times)[1]
           row[f"{key}ratio"] = min(times)[0] / row["ibau"]["seconds"]
+    if "ibau" in row:
+      row["versus_ibau"] = {d: versus_ibau(row["before"], row["ibau"], row[d])
+                            for d in baselines if d in row}
     rows.append(row)
 
   def ratio_md(row, key):
@@ -118,6 +137,17 @@ def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dic
       lines.append(f"Median ratio of {what} time to I-BAU's: "
                    f"{statistics.median(ratios):.1f} (over {len(ratios)} "
                    f"row{'s' * (len(ratios) != 1)}).")
+  counts = []
+  for d in baselines:
+    verdicts = [r["versus_ibau"][d] for r in rows if d in r.get("versus_ibau", {})]
+    if verdicts:
+      parts = [f"{n} {v}" for v in ("higher", "lower", "equal") if (n := verdicts.count(v))]
+      counts.append(f"`{d}` {', '.join(parts)}")
+  if counts:
+    lines.append("")
+    lines.append("I-BAU's defense effectiveness rating (DER = [max(0, ASR drop) − max(0, ACC "
+                 "drop) + 1] / 2) against each baseline's, rows counted: "
+                 + "; ".join(counts) + ".")
   return rows, "\n".join(lines) + "\n"
 
 

@@ -364,6 +364,22 @@ def test_comparison_table_cells_and_time_ratio():
   assert "| 3.0 (ft) | 40.0 (nc) |" in markdown
   assert ("Median ratio of the fastest of the paper's six baselines' time to I-BAU's: 27.5 "
           "(over 2 rows)") in markdown
+  # Who wins, by DER = [max(0, ASR drop) - max(0, ACC drop) + 1] / 2 (before: 80 / 99):
+  # badnets: ibau (0.97 - 0.01 + 1) / 2 = 0.98, ft 0.73, nc 0.925; wanet: ibau 0.95 - 0.05
+  # -> 0.95, nc 0.845.
+  assert rows[0]["versus_ibau"] == {"ft": "higher", "nc": "higher"}
+  assert rows[1]["versus_ibau"] == {"nc": "higher"}
+  assert "against each baseline's, rows counted: `ft` 1 higher; `nc` 2 higher." in markdown
+  before = dict(acc=0.8, asr=0.99)
+  ibau = dict(acc=0.78, asr=0.05)  # DER (0.94 - 0.02 + 1) / 2 = 0.96
+  assert compare_defenses.versus_ibau(before, ibau, dict(acc=0.8, asr=0.06)) == "lower"
+  assert compare_defenses.versus_ibau(before, ibau, dict(acc=0.79, asr=0.06)) == "equal"
+  assert compare_defenses.versus_ibau(before, ibau, dict(acc=0.85, asr=0.10)) == "higher"
+  # wanet ft: (0.98 - 0 + 1) / 2 = 0.99 > ibau's 0.95.
+  cells.append(cell("wanet", "ft", 0.81, 0.01, 5.0))
+  rows, markdown = compare_defenses.comparison(cells, ["ibau", "ft", "nc", "none"])
+  assert rows[1]["versus_ibau"] == {"ft": "lower", "nc": "higher"}
+  assert "`ft` 1 higher, 1 lower; `nc` 2 higher." in markdown
 
 
 
