@@ -497,8 +497,26 @@ def test_dp_sgd_is_deterministic_for_a_key():
   _assert_trees_equal(a.variables["batch_stats"], variables["batch_stats"])
 
 
+def test_dp_sgd_scan_and_python_loops_agree():
+  variables = _small_variables()
+  x, y = _small_data(32)
+  config = dp_lib.DPConfig(epochs=2, batch_size=8, noise_multiplier=1.0, clip_norm=0.5)
+  run = lambda loop: dp_lib.dp_sgd(apply_small, variables, x, y, config.replace(loop=loop),
+                                   key=jax.random.PRNGKey(2))
+  scan, python = run("scan"), run("python")
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         scan.variables, python.variables)
+  for a, b in zip(scan.history, python.history):
+    for k in ("loss", "grad_norm", "clipped_fraction"):
+      assert a[k] == pytest.approx(b[k], rel=1e-5), k
+  # Four steps per epoch, each moving the parameters.
+  assert max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda p, q: float(np.abs(np.asarray(p) - np.asarray(q)).max()),
+      python.variables["params"], variables["params"]))) > 1e-3
+
+
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(epochs=0), "epochs"), (dict(batch_size=2.5), "batch_size"),
+    (dict(epochs=0), "epochs"), (dict(batch_size=2.5), "batch_size"), (dict(loop="gpu"), "loop"),
     (dict(clip_norm=0.0), "clip_norm"), (dict(clip_norm=float("inf")), "clip_norm"),
     (dict(noise_multiplier=-1.0), "noise_multiplier"), (dict(learning_rate=-0.1), "learning_rate"),
     (dict(momentum=1.0), "momentum"), (dict(callback="no"), "callback"),

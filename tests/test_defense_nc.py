@@ -275,6 +275,24 @@ def test_neural_cleanse_resumes_and_deletes_its_checkpoint(tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.variables, whole.variables)
 
 
+def test_unlearning_scan_and_python_loops_agree():
+  x, y = _defender_set()
+  entry = _run("nc", True)[0].history[0]
+  variables = _model(True)
+  params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+  static = nc._unlearn_static(CONFIG)
+  state = nc._unlearn_tx(static).init(params)
+  masks, patterns = jnp.asarray(entry["masks"][[TARGET]]), jnp.asarray(entry["patterns"][[TARGET]])
+  out = {loop: nc._unlearn_epoch(static, apply_fn, params, state, rest, jnp.asarray(x),
+                                 jnp.asarray(y), masks, patterns, jax.random.PRNGKey(4), loop)
+         for loop in ("scan", "python")}
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         out["scan"][:2], out["python"][:2])
+  assert float(out["scan"][2]) == pytest.approx(float(out["python"][2]), rel=1e-5)
+  assert max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda p, q: float(jnp.abs(p - q).max()), out["python"][0], params))) > 1e-3
+
+
 def test_tabor_terms_by_hand():
   rng = np.random.RandomState(0)
   mask = rng.rand(4, 5, 1).astype(np.float32)
@@ -340,6 +358,7 @@ def test_anomaly_index_by_hand():
     (nc.NCConfig, dict(log_every=0), "log_every"),
     (nc.NCConfig, dict(progress="yes"), "progress"),
     (nc.NCConfig, dict(checkpoint_dir=3), "checkpoint_dir"),
+    (nc.NCConfig, dict(loop="gpu"), "loop"),
 ])
 def test_config_validation(cls, change, match):
   with pytest.raises(ValueError, match=match):

@@ -56,6 +56,11 @@ class DPConfig:
     noise_multiplier: σ; the Gaussian noise added to the sum of clipped gradients has
       standard deviation ``σ·C`` (0: clipping only, no privacy).
     callback: ``callback(epoch, stats, variables)`` after every epoch.
+    loop: how an epoch runs: ``"scan"``, one compiled ``lax.scan`` over its batches;
+      ``"python"``, one compiled step per batch (on CPU about 10x faster: XLA:CPU runs the
+      per-example weight gradients inside loops slowly, measured 30 s against 3 s per batch
+      of 128 on small-VGG16); ``"auto"``, python on CPU, scan elsewhere.  The same result
+      either way (up to floating-point rounding).
   """
 
   epochs: int = 10
@@ -66,9 +71,12 @@ class DPConfig:
   noise_multiplier: float = 1.0
   callback: Optional[Callable[[int, dict, PyTree], Any]] = dataclasses.field(
       default=None, compare=False)
+  loop: str = dataclasses.field(default="auto", compare=False)
 
   def __post_init__(self):
     _checks.integers("DPConfig", self, ("epochs", "batch_size"))
+    if self.loop not in ("auto", "scan", "python"):
+      raise ValueError(f"DPConfig.loop must be 'auto', 'scan' or 'python', got {self.loop!r}")
     _checks.sgd("DPConfig", self, weight_decay=None)
     _checks.reals("DPConfig", self, ("clip_norm",), minimum=0, min_open=True)
     _checks.reals("DPConfig", self, ("noise_multiplier",), minimum=0)
@@ -122,26 +130,49 @@ def _tx(config: DPConfig) -> optax.GradientTransformation:
   return optax.sgd(config.learning_rate, momentum=config.momentum or None)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _epoch(config: DPConfig, apply_fn, params, opt_state, rest, images, labels, idx, keys):
+def _step(config: DPConfig, apply_fn, params, opt_state, rest, images, labels, i, key):
+  """One DP-SGD step on the batch of indices ``i``: ``(params, opt_state, stats)``."""
 
   def example_loss(p, x, y):
     logits = apply_fn({"params": p, **rest}, x[None])
     return optax.softmax_cross_entropy_with_integer_labels(logits, y[None])[0]
 
+  losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(
+      params, images[i], labels[i])
+  grad, norms = privatize_gradients(grads, config.clip_norm, config.noise_multiplier, key)
+  updates, opt_state = _tx(config).update(grad, opt_state, params)
+  stats = dict(loss=jnp.mean(losses), grad_norm=jnp.mean(norms),
+               clipped_fraction=jnp.mean(norms > config.clip_norm))
+  return optax.apply_updates(params, updates), opt_state, stats
+
+
+_step_jit = jax.jit(_step, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _epoch_scan(config: DPConfig, apply_fn, params, opt_state, rest, images, labels, idx, keys):
+
   def step(carry, inputs):
-    params, opt_state = carry
-    i, key = inputs
-    losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(
-        params, images[i], labels[i])
-    grad, norms = privatize_gradients(grads, config.clip_norm, config.noise_multiplier, key)
-    updates, opt_state = _tx(config).update(grad, opt_state, params)
-    stats = dict(loss=jnp.mean(losses), grad_norm=jnp.mean(norms),
-                 clipped_fraction=jnp.mean(norms > config.clip_norm))
-    return (optax.apply_updates(params, updates), opt_state), stats
+    params, opt_state, stats = _step(config, apply_fn, *carry, rest, images, labels, *inputs)
+    return (params, opt_state), stats
 
   (params, opt_state), stats = jax.lax.scan(step, (params, opt_state), (idx, keys))
   return params, opt_state, stats
+
+
+def _epoch(config: DPConfig, apply_fn, params, opt_state, rest, images, labels, idx, keys,
+           loop: str = "auto"):
+  """An epoch over the batches ``idx`` (``(steps, batch)``): ``(params, opt_state, stats)``
+  with every statistic stacked over the steps (see :attr:`DPConfig.loop`)."""
+  scan = jax.default_backend() != "cpu" if loop == "auto" else loop == "scan"
+  if scan:
+    return _epoch_scan(config, apply_fn, params, opt_state, rest, images, labels, idx, keys)
+  stats = []
+  for t in range(idx.shape[0]):
+    params, opt_state, s = _step_jit(config, apply_fn, params, opt_state, rest, images, labels,
+                                     idx[t], keys[t])
+    stats.append(s)
+  return params, opt_state, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *stats)
 
 
 def dp_sgd(apply_fn, variables: PyTree, images, labels, config: DPConfig = DPConfig(), *,
@@ -182,7 +213,7 @@ def dp_sgd(apply_fn, variables: PyTree, images, labels, config: DPConfig = DPCon
     keys = jax.vmap(lambda t: jax.random.fold_in(noise_key, t))(
         jnp.arange(epoch * steps, (epoch + 1) * steps))
     params, opt_state, stats = _epoch(static, apply_fn, params, opt_state, rest, images,
-                                      labels, idx, keys)
+                                      labels, idx, keys, config.loop)
     entry = dict(epoch=epoch, loss=float(jnp.mean(stats["loss"])),
                  grad_norm=float(jnp.mean(stats["grad_norm"])),
                  clipped_fraction=float(jnp.mean(stats["clipped_fraction"])),

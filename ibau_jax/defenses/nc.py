@@ -50,9 +50,10 @@ images stamped.  Where this implementation simplifies:
 The model runs in inference mode throughout (the caller's ``apply_fn``); only
 ``variables["params"]`` change during unlearning and every other collection passes
 through.  Step 1 is a compiled chunk program (a second one for a shorter last chunk) and
-each unlearning epoch another (a ``lax.scan`` over batches); calls with the same shapes, the
-same ``apply_fn`` object and the same step-1 (unlearning) settings reuse them.  :mod:`ibau_jax.defenses.tabor` reuses all of
-this with extra regularisers ``R``.
+each unlearning epoch another (a ``lax.scan`` over batches; one compiled step per batch on
+CPU, see ``loop``); calls with the same shapes, the same ``apply_fn`` object and the same
+step-1 (unlearning) settings reuse them.  :mod:`ibau_jax.defenses.tabor` reuses all of this
+with extra regularisers ``R``.
 
 History (a list of dicts, one per stage, each with ``stage`` and ``seconds``):
 
@@ -122,6 +123,10 @@ class NCConfig:
       key and settings resumes from it and returns what an uninterrupted run returns (a
       state made with anything else is ignored and overwritten).  The file is deleted when
       the defense returns.  None: nothing is saved.
+    loop: how an unlearning epoch runs: ``"scan"``, one compiled ``lax.scan`` over its
+      batches; ``"python"``, one compiled step per batch (on CPU about 10x faster: XLA:CPU
+      runs weight gradients inside loops slowly); ``"auto"``, python on CPU, scan elsewhere.
+      The same result either way (up to floating-point rounding).
   """
 
   steps: int = 1000
@@ -147,9 +152,12 @@ class NCConfig:
   progress: Optional[Callable[[int, int], Any]] = dataclasses.field(default=None,
                                                                     compare=False)
   checkpoint_dir: Optional[str] = dataclasses.field(default=None, compare=False)
+  loop: str = dataclasses.field(default="auto", compare=False)
 
   def __post_init__(self):
     name = type(self).__name__
+    if self.loop not in ("auto", "scan", "python"):
+      raise ValueError(f"{name}.loop must be 'auto', 'scan' or 'python', got {self.loop!r}")
     _checks.integers(name, self, ("steps", "batch_size", "patience", "log_every"))
     _checks.integers(name, self, ("unlearn_epochs",), minimum=0)
     # Loose checks (bounds only; NaN fails, infinities pass where the bounds allow).
@@ -391,34 +399,75 @@ def _unlearn_tx(config: NCConfig) -> optax.GradientTransformation:
   return optax.sgd(config.unlearn_learning_rate, momentum=config.unlearn_momentum or None)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _unlearn_epoch(config: NCConfig, apply_fn, params, opt_state, rest, images, labels, masks,
-                   patterns, key):
-  n, bsz = images.shape[0], config.batch_size
+def _unlearn_plan(config: NCConfig, n: int, key):
+  """The epoch's batches ``(per_epoch, batch_size)`` of indices and a key per batch."""
+  bsz = config.batch_size
   per_epoch = n // bsz
   k_perm, k_pick = jax.random.split(key)
   order = jax.random.permutation(k_perm, n)[:per_epoch * bsz].reshape(per_epoch, bsz)
+  return order, jax.random.split(k_pick, per_epoch)
+
+
+def _unlearn_batch(config: NCConfig, apply_fn, params, opt_state, rest, images, labels, idx,
+                   masks, patterns, key):
+  """One unlearning step on the batch ``idx``: the first ``unlearn_fraction`` of it stamped
+  with a randomly chosen flagged trigger, true labels kept."""
+  bsz = config.batch_size
   stamped = (jnp.arange(bsz) < round(config.unlearn_fraction * bsz)).reshape(-1, 1, 1, 1)
-  tx = _unlearn_tx(config)
+  x, y = images[idx], labels[idx]
+  which = jax.random.randint(key, (bsz,), 0, masks.shape[0])
+  x = jnp.where(stamped, stamp(x, masks[which], patterns[which]), x)
+
+  def loss_fn(p):
+    logits = apply_fn({"params": p, **rest}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, opt_state = _unlearn_tx(config).update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss
+
+
+_unlearn_plan_jit = jax.jit(_unlearn_plan, static_argnums=(0, 1))
+_unlearn_batch_jit = jax.jit(_unlearn_batch, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _unlearn_epoch_scan(config: NCConfig, apply_fn, params, opt_state, rest, images, labels,
+                        masks, patterns, key):
+  order, keys = _unlearn_plan(config, images.shape[0], key)
 
   def body(carry, inputs):
-    params, opt_state = carry
     idx, k = inputs
-    x, y = images[idx], labels[idx]
-    which = jax.random.randint(k, (bsz,), 0, masks.shape[0])
-    x = jnp.where(stamped, stamp(x, masks[which], patterns[which]), x)
+    params, opt_state, loss = _unlearn_batch(config, apply_fn, *carry, rest, images, labels,
+                                             idx, masks, patterns, k)
+    return (params, opt_state), loss
 
-    def loss_fn(p):
-      logits = apply_fn({"params": p, **rest}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
-
-  (params, opt_state), losses = jax.lax.scan(
-      body, (params, opt_state), (order, jax.random.split(k_pick, per_epoch)))
+  (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (order, keys))
   return params, opt_state, jnp.mean(losses)
+
+
+def _use_scan(loop: str) -> bool:
+  if loop == "auto":
+    return jax.default_backend() != "cpu"
+  return loop == "scan"
+
+
+def _unlearn_epoch(config: NCConfig, apply_fn, params, opt_state, rest, images, labels, masks,
+                   patterns, key, loop: str = "auto"):
+  """One pass of unlearning: a compiled ``lax.scan`` over the batches, or (``loop``
+  ``"python"``, and ``"auto"`` on CPU, where XLA runs weight gradients inside a loop about
+  10x slower) one compiled step per batch.  Returns ``(params, opt_state, mean loss)``."""
+  if _use_scan(loop):
+    return _unlearn_epoch_scan(config, apply_fn, params, opt_state, rest, images, labels,
+                               masks, patterns, key)
+  order, keys = _unlearn_plan_jit(config, images.shape[0], key)
+  losses = []
+  for b in range(order.shape[0]):
+    params, opt_state, loss = _unlearn_batch_jit(config, apply_fn, params, opt_state, rest,
+                                                 images, labels, order[b], masks, patterns,
+                                                 keys[b])
+    losses.append(loss)
+  return params, opt_state, jnp.mean(jnp.stack(losses))
 
 
 # ----------------------------------------------------------------------------------------
@@ -465,7 +514,7 @@ def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *
   for epoch in range(config.unlearn_epochs):
     params, opt_state, loss = _unlearn_epoch(static, apply_fn, params, opt_state, rest, images,
                                              labels, masks, patterns,
-                                             jax.random.fold_in(k_unlearn, epoch))
+                                             jax.random.fold_in(k_unlearn, epoch), config.loop)
     losses.append(float(loss))
   defended = {**variables, "params": params}
   entry = dict(stage="unlearning", epoch_losses=losses, trigger_classes=flagged,
