@@ -16,9 +16,9 @@ One cell = (attack, defense, seed):
    ``results.csv``, ``results.md`` and the plots in ``workdir/plots/``.
 
 Finished cells are skipped when the same command runs again, so a sweep killed at any moment
-(even ``kill -9``) continues where it stopped.  Within a cell, Neural Cleanse, TABOR, ANP and
-DeepInspect (the slowest defenses) save their state every ``log_every`` steps (DeepInspect:
-after each of its first two stages) in ``workdir/partial/<cell>/`` and resume from there;
+(even ``kill -9``) continues where it stopped.  Within a cell, I-BAU (after every round), Neural
+Cleanse, TABOR, ANP (every ``log_every`` steps) and DeepInspect (after each of its first two
+stages) save their state in ``workdir/partial/<cell>/`` and resume from there;
 the cell's seconds include the interrupted runs' (the folder is deleted once the cell is
 written).  ``workdir/config.json`` holds the resolved configuration; a work directory made
 with a different configuration is refused.
@@ -550,8 +550,8 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   with the metrics where evaluated), the defense's own seconds (without the evaluations;
   with the seconds of interrupted earlier runs that a checkpoint resumed) and its
   recovered perturbation (None if it has none).  ``checkpoint_dir`` goes to the defenses
-  that can save and resume their work (a ``checkpoint_dir`` config field: Neural Cleanse,
-  TABOR, ANP and DeepInspect); the others ignore it.
+  that can save and resume their work (a ``checkpoint_dir`` config field: I-BAU, Neural
+  Cleanse, TABOR, ANP and DeepInspect); the others ignore it.
   """
   from ibau_jax import defenses
   fn, _ = defenses.get_defense(defense)
@@ -577,7 +577,8 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   def callback(r, stats, v):
     t = time.perf_counter()
     record = {"step": r, **_jsonable(stats)}
-    if eval_every and (len(rounds) + 1) % eval_every == 0:
+    # (v is None for rounds a checkpoint replays: their variables were not kept.)
+    if eval_every and (len(rounds) + 1) % eval_every == 0 and v is not None:
       m = evaluate(v)
       record.update(m)
       bar.set_postfix(acc=f"{m['acc']:.3f}", asr=f"{m['asr']:.3f}")

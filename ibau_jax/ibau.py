@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import time
 from typing import Any, Callable, Mapping, Optional, Union
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ibau_jax import _resume
 from ibau_jax import hypergrad
 from ibau_jax import probe
 
@@ -150,7 +152,16 @@ class IBAUConfig:
     probe_epochs: passes of the probes' PGD over those images.
     probe_min_share: the share of images one class must receive to be the suspect.
     callback: ``callback(round_index, stats, variables)`` after every round, for progress
-      display or ACC/ASR tracking; its return value is ignored.
+      display or ACC/ASR tracking; its return value is ignored.  Rounds restored from a
+      checkpoint are replayed first with ``variables=None`` (their variables are not kept)
+      and ``stats["seconds_before"]`` (their seconds in the interrupted run).
+    checkpoint_dir: a folder in which the state after every round (parameters, optimizer
+      state, δ, the history, and what ``select`` keeps) is saved (``ibau.npz``, written
+      atomically); a call given the same folder, inputs, key and settings resumes after the
+      last saved round and returns what an uninterrupted call returns.  A state made with
+      anything else (or with an optax object as ``outer_optimizer``, which has no stable
+      description) is ignored and overwritten; the file is deleted when ``unlearn``
+      returns.  None: nothing is saved.
   """
 
   rounds: int = 5
@@ -184,6 +195,7 @@ class IBAUConfig:
   probe_epochs: int = 2
   probe_min_share: float = 0.5
   callback: Optional[RoundCallback] = dataclasses.field(default=None, compare=False)
+  checkpoint_dir: Optional[str] = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
     def positive(name, integer):
@@ -261,6 +273,7 @@ class IBAUConfig:
       raise ValueError(f"IBAUConfig.loop must be 'auto', 'scan' or 'python', got {self.loop!r}")
     if self.callback is not None and not callable(self.callback):
       raise ValueError("IBAUConfig.callback must be callable or None")
+    _resume.check_folder("IBAUConfig", self.checkpoint_dir)
 
   @classmethod
   def official(cls, **overrides) -> "IBAUConfig":
@@ -278,6 +291,9 @@ class IBAUConfig:
 
   def replace(self, **changes) -> "IBAUConfig":
     return dataclasses.replace(self, **changes)
+
+
+CHECKPOINT_FILE = "ibau.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -743,6 +759,11 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
       and the input ``variables`` are left as they were (JAX arrays are never mutated).
   """
   _validate(apply_fn, variables, images, labels, config)
+  path = _resume.path(config.checkpoint_dir, CHECKPOINT_FILE)
+  digest = ""
+  if path is not None:
+    digest = _resume.fingerprint(dataclasses.replace(config, callback=None, checkpoint_dir=None),
+                                 arrays=(variables, images, labels, key))
   if mesh is None and jax.device_count() > 1:
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
   if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
@@ -771,12 +792,31 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
   history = []
   delta = jnp.zeros(images.shape[1:], images.dtype)
   suspect, best, total = None, None, None
+  first = 0
+  if path is not None:
+    template = dict(params=params, opt_state=opt_state, delta=delta, total=params, best=params)
+    loaded = _resume.load(path, digest, template)
+    if loaded is not None:
+      first, _, state, text = loaded
+      if mesh is not None:
+        state = jax.device_put(state, replicated)
+      saved = json.loads(text)
+      params, opt_state, delta = state["params"], state["opt_state"], state["delta"]
+      total = state["total"] if saved["has_total"] else None
+      best = None if saved["best"] is None else (*saved["best"], state["best"])
+      suspect = saved["suspect"]
+      for entry in saved["history"]:
+        entry["seconds_before"] = entry["seconds"]
+        history.append(entry)
+        if config.callback is not None:
+          config.callback(entry["round"], dict(entry), None)
   if config.select == "probe":
     probe_x = np.asarray(images[:max(config.batch_size, config.probe_images)])
     probe_kw = dict(epochs=config.probe_epochs, batch_size=config.batch_size)
-    suspect = probe.find_suspect(apply_fn, variables, probe_x, bounds=config.probe_bounds,
-                                 min_share=config.probe_min_share, **probe_kw)
-  for r in range(config.rounds):
+    if first == 0:
+      suspect = probe.find_suspect(apply_fn, variables, probe_x, bounds=config.probe_bounds,
+                                   min_share=config.probe_min_share, **probe_kw)
+  for r in range(first, config.rounds):
     start = time.perf_counter()
     params, opt_state, delta, stats = round_fn(static, apply_fn, params, opt_state, rest,
                                                images, labels, jax.random.fold_in(key, r),
@@ -804,8 +844,19 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
     if config.select == "average" and r >= config.average_from:
       total = params if total is None else jax.tree_util.tree_map(jnp.add, total, params)
     history.append(entry)
+    if path is not None:
+      _resume.save(path, digest, r + 1, sum(h["seconds"] for h in history),
+                   dict(params=params, opt_state=opt_state, delta=delta,
+                        total=params if total is None else total,
+                        best=params if best is None else best[2]),
+                   _resume.to_json(dict(
+                       history=[{k: v for k, v in h.items() if k != "seconds_before"}
+                                for h in history],
+                       has_total=total is not None,
+                       best=None if best is None else [best[0], best[1]], suspect=suspect)))
     if config.callback is not None:
       config.callback(r, dict(entry), {"params": params, **rest})
+  _resume.remove(path)
   selected = config.rounds - 1
   if best is not None:
     selected, _, params = best

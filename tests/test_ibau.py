@@ -226,6 +226,51 @@ def test_unlearn_is_deterministic_for_a_key():
   assert max(jax.tree_util.tree_leaves(diff)) > 0
 
 
+@pytest.mark.parametrize("select", ["last", "average"])
+def test_an_interrupted_unlearn_resumes_after_its_last_saved_round(select, tmp_path):
+  variables = _variables()
+  x, y = _data()
+  config = SMALL.replace(rounds=3, select=select, average_from=1 if select == "average" else 0)
+  whole = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(5))
+
+  class Stop(Exception):
+    pass
+
+  def stop(r, stats, v):
+    if r == 1:
+      raise Stop
+
+  saved = config.replace(checkpoint_dir=str(tmp_path))
+  with pytest.raises(Stop):
+    ibau_jax.unlearn(apply_fn, variables, x, y, saved.replace(callback=stop),
+                     key=jax.random.PRNGKey(5))
+  path = tmp_path / ibau.CHECKPOINT_FILE
+  with np.load(path) as f:
+    assert int(f["step"]) == 2
+  seen = []
+  resumed = ibau_jax.unlearn(apply_fn, variables, x, y,
+                             saved.replace(callback=lambda r, s, v: seen.append((r, s, v))),
+                             key=jax.random.PRNGKey(5))
+  assert not path.exists()
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.variables, whole.variables)
+  np.testing.assert_array_equal(resumed.perturbation, whole.perturbation)
+  assert resumed.selected_round == whole.selected_round
+  strip = lambda h: {k: v for k, v in h.items() if k not in ("seconds", "seconds_before")}
+  assert [strip(h) for h in resumed.history] == [strip(h) for h in whole.history]
+  # Rounds 0 and 1 are replayed without variables; round 2 runs.
+  assert [(r, v is None, "seconds_before" in s) for r, s, v in seen] == [
+      (0, True, True), (1, True, True), (2, False, False)]
+  # Another key: the saved state is not used.
+  with pytest.raises(Stop):
+    ibau_jax.unlearn(apply_fn, variables, x, y, saved.replace(callback=stop),
+                     key=jax.random.PRNGKey(5))
+  seen.clear()
+  ibau_jax.unlearn(apply_fn, variables, x, y,
+                   saved.replace(callback=lambda r, s, v: seen.append((r, s, v))),
+                   key=jax.random.PRNGKey(6))
+  assert [v is None for _, _, v in seen] == [False, False, False]
+
+
 @pytest.mark.parametrize("loop", ["scan", "python"])
 def test_second_round_and_second_call_do_not_recompile(loop):
   variables = _variables()

@@ -56,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ibau_jax.defenses import _checks, _resume
+from ibau_jax import _resume
+from ibau_jax.defenses import _checks
 from ibau_jax.defenses import layers as layer_lib
 
 PyTree = Any

@@ -83,7 +83,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ibau_jax.defenses import _checks, _resume
+from ibau_jax import _resume
+from ibau_jax.defenses import _checks
 
 PyTree = Any
 # regulariser(config, logits_fn, mask, pattern, x, y, t) -> scalar, added to the per-class
