@@ -16,6 +16,8 @@ from ibau_jax.defenses import anp as anp_lib
 from ibau_jax.defenses import dp as dp_lib
 from ibau_jax.defenses.layers import apply_with_layers
 
+from _interrupt import interrupt, recording, saved_step
+
 CLASSES = 4
 SEED_BACKDOOR = 1
 ANP_ITERATIONS = 100
@@ -162,26 +164,14 @@ def test_an_interrupted_anp_resumes_to_the_uninterrupted_result(tmp_path):
   x, y = _small_data(24)
   config = anp_lib.ANPConfig(iterations=9, batch_size=8, log_every=3, eps=0.3,
                              learning_rate=2.0, threshold=0.5)
-  whole = anp_lib.anp(apply_small, variables, x, y, config, key=jax.random.PRNGKey(0))
-
-  class Stop(Exception):
-    pass
-
-  def stop(i, stats, v):
-    if i == 6:
-      raise Stop
-
+  run = lambda c, k=0: anp_lib.anp(apply_small, variables, x, y, c, key=jax.random.PRNGKey(k))
+  whole = run(config)
   saved = config.replace(checkpoint_dir=str(tmp_path))
-  with pytest.raises(Stop):
-    anp_lib.anp(apply_small, variables, x, y, saved.replace(callback=stop),
-                key=jax.random.PRNGKey(0))
+  interrupt(run, saved, 6)
   path = tmp_path / anp_lib.CHECKPOINT_FILE
-  with np.load(path) as f:
-    assert int(f["step"]) == 6
-  seen = []
-  resumed = anp_lib.anp(apply_small, variables, x, y,
-                        saved.replace(callback=lambda i, s, v: seen.append((i, s, v))),
-                        key=jax.random.PRNGKey(0))
+  assert saved_step(path) == 6
+  resumed_config, seen = recording(saved)
+  resumed = run(resumed_config)
   assert not path.exists()
   _assert_trees_equal(resumed.variables, whole.variables)
   # The two saved entries are replayed (with their earlier seconds), then the third is new.
@@ -194,13 +184,9 @@ def test_an_interrupted_anp_resumes_to_the_uninterrupted_result(tmp_path):
       np.testing.assert_array_equal(h["masks"][k], w["masks"][k])
   _assert_trees_equal(seen[1][2], anp_lib.prune_neurons(variables, whole.history[1]["pruned"]))
   # A checkpoint of another problem (another key) is not used.
-  with pytest.raises(Stop):
-    anp_lib.anp(apply_small, variables, x, y, saved.replace(callback=stop),
-                key=jax.random.PRNGKey(0))
-  seen.clear()
-  anp_lib.anp(apply_small, variables, x, y,
-              saved.replace(callback=lambda i, s, v: seen.append((i, s, v))),
-              key=jax.random.PRNGKey(1))
+  interrupt(run, saved, 6)
+  other_config, seen = recording(saved)
+  run(other_config, 1)
   assert [("seconds_before" in s) for _, s, _ in seen] == [False, False, False]
 
 

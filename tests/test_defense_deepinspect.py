@@ -19,6 +19,8 @@ import pytest
 
 from ibau_jax.defenses import deepinspect as di
 
+from _interrupt import interrupt, recording, saved_step
+
 H = W = 8
 CLASSES = 6
 TARGET = 2
@@ -266,27 +268,17 @@ def test_an_interrupted_run_resumes_after_its_saved_stages(tmp_path):
   whole = di.deepinspect(apply_fn, _model(), x, y, config, key=key)
   assert whole.history[3]["patched"]
 
-  class Stop(Exception):
-    pass
-
+  run = lambda c: di.deepinspect(apply_fn, _model(), x, y, c, key=key)
   path = tmp_path / di.CHECKPOINT_FILE
-  for stop_at, saved_step in ((0, 1), (2, 2)):
-    def stop(stage, stats, v, stop_at=stop_at):
-      if stage == stop_at:
-        raise Stop
-
-    saved = config.replace(checkpoint_dir=str(tmp_path))
-    with pytest.raises(Stop):
-      di.deepinspect(apply_fn, _model(), x, y, saved.replace(callback=stop), key=key)
-    with np.load(path) as f:
-      assert int(f["step"]) == saved_step
-    seen = []
-    resumed = di.deepinspect(apply_fn, _model(), x, y,
-                             saved.replace(callback=lambda i, s, v: seen.append((i, s))),
-                             key=key)
+  saved = config.replace(checkpoint_dir=str(tmp_path))
+  for stop_at, step in ((0, 1), (2, 2)):
+    interrupt(run, saved, stop_at)
+    assert saved_step(path) == step
+    resumed_config, seen = recording(saved)
+    resumed = run(resumed_config)
     assert not path.exists()
-    assert [i for i, _ in seen] == [0, 1, 2, 3]
-    assert [("seconds_before" in s) for _, s in seen] == [i < saved_step for i in range(4)]
+    assert [i for i, _, _ in seen] == [0, 1, 2, 3]
+    assert [("seconds_before" in s) for _, s, _ in seen] == [i < step for i in range(4)]
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.variables, whole.variables)
     np.testing.assert_array_equal(resumed.history[1]["statistic"], whole.history[1]["statistic"])
     assert resumed.history[2]["flagged"] == whole.history[2]["flagged"]

@@ -21,6 +21,8 @@ import pytest
 
 from ibau_jax.defenses import nc, tabor
 
+from _interrupt import interrupt, saved_step
+
 H = W = 8
 K = 6
 TARGET = 2
@@ -205,10 +207,6 @@ def test_neural_cleanse_leaves_a_clean_model_alone():
   assert len(result.history) == 1 and [c[0] for c in calls] == [0]
 
 
-class _Stop(Exception):
-  pass
-
-
 def _reverse(config, key=7):
   x, y = _defender_set()
   return nc.reverse_engineer(apply_fn, _model(True), x, y, config, key=jax.random.PRNGKey(key),
@@ -233,13 +231,7 @@ def test_reverse_engineering_in_chunks_and_resumed_equals_one_run(cls, tmp_path)
   # Interrupted after step 14 (an exception from the progress hook, as a kill would leave
   # it): the checkpoint holds step 14, and a second call resumes there and ends identical.
   saved = config.replace(log_every=7, checkpoint_dir=str(tmp_path))
-
-  def stop(done, total):
-    if done == 14:
-      raise _Stop
-
-  with pytest.raises(_Stop):
-    _reverse(saved.replace(progress=stop))
+  interrupt(_reverse, saved, 14, hook="progress")
   path = tmp_path / nc.CHECKPOINT_FILE
   with np.load(path) as f:
     assert int(f["step"]) == 14 and float(f["seconds"]) > 0
@@ -255,18 +247,11 @@ def test_reverse_engineering_in_chunks_and_resumed_equals_one_run(cls, tmp_path)
 def test_neural_cleanse_resumes_and_deletes_its_checkpoint(tmp_path):
   x, y = _defender_set()
   config = CONFIG.replace(steps=40, log_every=10, checkpoint_dir=str(tmp_path))
-
-  def stop(done, total):
-    if done == 20:
-      raise _Stop
-
-  with pytest.raises(_Stop):
-    nc.neural_cleanse(apply_fn, _model(True), x, y, config.replace(progress=stop),
-                      key=jax.random.PRNGKey(3))
-  assert (tmp_path / nc.CHECKPOINT_FILE).is_file()
-  resumed = nc.neural_cleanse(apply_fn, _model(True), x, y, config, key=jax.random.PRNGKey(3))
-  whole = nc.neural_cleanse(apply_fn, _model(True), x, y, config.replace(checkpoint_dir=None),
-                            key=jax.random.PRNGKey(3))
+  run = lambda c: nc.neural_cleanse(apply_fn, _model(True), x, y, c, key=jax.random.PRNGKey(3))
+  interrupt(run, config, 20, hook="progress")
+  assert saved_step(tmp_path / nc.CHECKPOINT_FILE) == 20
+  resumed = run(config)
+  whole = run(config.replace(checkpoint_dir=None))
   assert not (tmp_path / nc.CHECKPOINT_FILE).exists()
   entry = resumed.history[0]
   assert entry["resumed_from"] == 20 and entry["seconds"] > entry["seconds_before"] > 0

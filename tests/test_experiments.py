@@ -20,6 +20,8 @@ from experiments import cifar10
 from experiments import gtsrb
 from experiments import pipeline
 
+from _interrupt import interrupt
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A very small smoke configuration: seconds per cell on 2 CPU cores.
 TINY = ["--preset", "smoke", "--no-progress", "--set", "train_size=200",
@@ -535,20 +537,11 @@ def test_an_interrupted_neural_cleanse_cell_resumes_and_counts_its_earlier_secon
   x, y = rng.rand(64, 4, 4, 3).astype(np.float32), np.arange(64) % 4
   no_metrics = lambda v: {"acc": 0.0, "asr": 0.0, "ra": 0.0}
   config = nc.NCConfig(steps=20, log_every=5, batch_size=16, unlearn_epochs=1)
-
-  class Stop(Exception):
-    pass
-
-  def stop(done, total):
-    if done == 10:
-      time.sleep(2.0)  # an interrupted run that took longer than the resumed one
-      raise Stop
-
   run = lambda c: pipeline.run_defense("nc", c, apply_fn, variables, x, y,
                                        jax.random.PRNGKey(1), no_metrics, eval_every=0,
                                        checkpoint_dir=tmp_path / "partial")
-  with pytest.raises(Stop):
-    run(config.replace(progress=stop))
+  # Interrupted after 2 s at step 10: longer than the resumed run takes.
+  interrupt(run, config, 10, hook="progress", sleep=2.0)
   assert (tmp_path / "partial" / nc.CHECKPOINT_FILE).is_file()
   _, rounds, seconds, _ = run(config)
   assert rounds[0]["resumed_from"] == 10 and rounds[0]["seconds_before"] >= 2.0

@@ -19,6 +19,8 @@ from jax.flatten_util import ravel_pytree
 import ibau_jax
 from ibau_jax import ibau
 
+from _interrupt import interrupt, recording, saved_step
+
 H = W = 6
 CLASSES = 3
 
@@ -231,26 +233,14 @@ def test_an_interrupted_unlearn_resumes_after_its_last_saved_round(select, tmp_p
   variables = _variables()
   x, y = _data()
   config = SMALL.replace(rounds=3, select=select, average_from=1 if select == "average" else 0)
-  whole = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(5))
-
-  class Stop(Exception):
-    pass
-
-  def stop(r, stats, v):
-    if r == 1:
-      raise Stop
-
+  run = lambda c, k=5: ibau_jax.unlearn(apply_fn, variables, x, y, c, key=jax.random.PRNGKey(k))
+  whole = run(config)
   saved = config.replace(checkpoint_dir=str(tmp_path))
-  with pytest.raises(Stop):
-    ibau_jax.unlearn(apply_fn, variables, x, y, saved.replace(callback=stop),
-                     key=jax.random.PRNGKey(5))
+  interrupt(run, saved, 1)
   path = tmp_path / ibau.CHECKPOINT_FILE
-  with np.load(path) as f:
-    assert int(f["step"]) == 2
-  seen = []
-  resumed = ibau_jax.unlearn(apply_fn, variables, x, y,
-                             saved.replace(callback=lambda r, s, v: seen.append((r, s, v))),
-                             key=jax.random.PRNGKey(5))
+  assert saved_step(path) == 2
+  resumed_config, seen = recording(saved)
+  resumed = run(resumed_config)
   assert not path.exists()
   jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.variables, whole.variables)
   np.testing.assert_array_equal(resumed.perturbation, whole.perturbation)
@@ -261,13 +251,9 @@ def test_an_interrupted_unlearn_resumes_after_its_last_saved_round(select, tmp_p
   assert [(r, v is None, "seconds_before" in s) for r, s, v in seen] == [
       (0, True, True), (1, True, True), (2, False, False)]
   # Another key: the saved state is not used.
-  with pytest.raises(Stop):
-    ibau_jax.unlearn(apply_fn, variables, x, y, saved.replace(callback=stop),
-                     key=jax.random.PRNGKey(5))
-  seen.clear()
-  ibau_jax.unlearn(apply_fn, variables, x, y,
-                   saved.replace(callback=lambda r, s, v: seen.append((r, s, v))),
-                   key=jax.random.PRNGKey(6))
+  interrupt(run, saved, 1)
+  other_config, seen = recording(saved)
+  run(other_config, 6)
   assert [v is None for _, _, v in seen] == [False, False, False]
 
 
