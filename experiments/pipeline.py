@@ -254,11 +254,12 @@ PAPER_DEFENSE_SETTINGS = {"nad": {"betas": 500.0}}
 # sized for GPUs).  Measured on the project's 2-core CPU with small-VGG16 on CIFAR-10,
 # 100 clean images, batch 64, the machine shared by two jobs (alone: about half):
 # Neural Cleanse 5.5 s per step (ten classes at once), TABOR 11 s, ANP 1.8 s per
-# iteration, DeepInspect's generator 1.5 s per step, DP-SGD 11 s per batch of 128
-# (per-example gradients); Fine-Pruning, NAD and fine-tuning take seconds at 100 images.
+# iteration, DeepInspect's generator 1.5 s per step; Fine-Pruning, NAD and fine-tuning take
+# seconds at 100 images.  DP-SGD, alone (benchmarks/loops.py, session 10): 1.1 s per batch
+# of 128 (per-example gradients), about 7 minutes for its one epoch over 45,000 images.
 # With these settings each baseline takes about 4-8 minutes per model alone on the
-# machine (DP-SGD: about 30 minutes for its one epoch over 45,000 images), where the
-# defaults would take 45 minutes (NC), 90 (TABOR) and 5 hours (DP-SGD, 10 epochs).
+# machine, where the defaults would take 45 minutes (NC), 90 (TABOR) and 70 (DP-SGD,
+# 10 epochs).
 CPU_DEFENSE_SETTINGS = {
     **PAPER_DEFENSE_SETTINGS,
     "nc": {"steps": 200, "batch_size": 32},
