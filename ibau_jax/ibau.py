@@ -308,7 +308,8 @@ class UnlearnResult:
       ``inner_choice`` (which inner solver's δ was kept, see ``inner_candidates``),
       ``seconds`` (wall time, the first round including compilation) and, with
       ``select="probe"``, ``probe`` (the suspect's targeted success share) and
-      ``probe_seconds``.
+      ``probe_seconds``.  Rounds restored from a checkpoint (``checkpoint_dir``) also have
+      ``seconds_before``, equal to their ``seconds`` in the interrupted call.
     perturbation: the last round's δ, shape ``(H, W, C)``.
     selected_round: the round whose variables were returned (None for
       ``select="average"``).
