@@ -89,8 +89,8 @@ def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dic
   versus_ibau}`` and markdown.  ``ratio``: the fastest baseline's seconds over I-BAU's
   (``fastest_baseline`` names it); ``paper_ratio``: the same over the paper's six
   (:data:`PAPER_BASELINES`); ``versus_ibau``: ``{baseline: I-BAU's DER higher, lower or
-  equal}`` (:func:`versus_ibau`) for the baselines that ran in the row.  The markdown ends with the verdicts counted per
-  baseline over the rows."""
+  equal}`` (:func:`versus_ibau`) for the baselines that ran in the row.  The markdown ends
+  with the verdicts counted per baseline over the rows."""
   by_row: dict[tuple, dict] = {}
   for c in cells:
     row = by_row.setdefault((c["attack"], c["seed"]), dict(attack=c["attack"], seed=c["seed"]))
