@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ibau_jax import _loops
 from ibau_jax import _resume
 from ibau_jax import hypergrad
 from ibau_jax import probe
@@ -786,8 +787,7 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
     images, labels = jnp.asarray(images), jnp.asarray(labels)
   static = dataclasses.replace(config, callback=None)
   loop = config.loop
-  if loop == "auto":
-    loop = "python" if jax.default_backend() == "cpu" else "scan"
+  loop = "scan" if _loops.use_scan(loop) else "python"
   round_fn = _round_scan_jit if loop == "scan" else _round_steps
   opt_state = _make_optimizer(config.outer_optimizer, config.outer_lr).init(params)
   history = []

@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ibau_jax import _loops
 from ibau_jax import _resume
 from ibau_jax.defenses import _checks
 
@@ -192,9 +193,7 @@ def _stage_config(config: DeepInspectConfig, fields: tuple[str, ...]) -> DeepIns
 
 
 def _use_scan(config: DeepInspectConfig) -> bool:
-  if config.loop == "auto":
-    return jax.default_backend() != "cpu"
-  return config.loop == "scan"
+  return _loops.use_scan(config.loop)
 
 
 # ----------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ibau_jax import _loops
 from ibau_jax.defenses import _checks
 
 PyTree = Any
@@ -164,8 +165,7 @@ def _epoch(config: DPConfig, apply_fn, params, opt_state, rest, images, labels, 
            loop: str = "auto"):
   """An epoch over the batches ``idx`` (``(steps, batch)``): ``(params, opt_state, stats)``
   with every statistic stacked over the steps (see :attr:`DPConfig.loop`)."""
-  scan = jax.default_backend() != "cpu" if loop == "auto" else loop == "scan"
-  if scan:
+  if _loops.use_scan(loop):
     return _epoch_scan(config, apply_fn, params, opt_state, rest, images, labels, idx, keys)
   stats = []
   for t in range(idx.shape[0]):

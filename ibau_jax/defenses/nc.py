@@ -83,6 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ibau_jax import _loops
 from ibau_jax import _resume
 from ibau_jax.defenses import _checks
 
@@ -447,18 +448,12 @@ def _unlearn_epoch_scan(config: NCConfig, apply_fn, params, opt_state, rest, ima
   return params, opt_state, jnp.mean(losses)
 
 
-def _use_scan(loop: str) -> bool:
-  if loop == "auto":
-    return jax.default_backend() != "cpu"
-  return loop == "scan"
-
-
 def _unlearn_epoch(config: NCConfig, apply_fn, params, opt_state, rest, images, labels, masks,
                    patterns, key, loop: str = "auto"):
   """One pass of unlearning: a compiled ``lax.scan`` over the batches, or (``loop``
   ``"python"``, and ``"auto"`` on CPU, where XLA runs weight gradients inside a loop about
   10x slower) one compiled step per batch.  Returns ``(params, opt_state, mean loss)``."""
-  if _use_scan(loop):
+  if _loops.use_scan(loop):
     return _unlearn_epoch_scan(config, apply_fn, params, opt_state, rest, images, labels,
                                masks, patterns, key)
   order, keys = _unlearn_plan_jit(config, images.shape[0], key)

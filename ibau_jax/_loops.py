@@ -1,0 +1,16 @@
+"""How a loop of training-like steps runs (private): ``loop`` fields of the configs."""
+
+from __future__ import annotations
+
+import jax
+
+LOOPS = ("auto", "scan", "python")
+
+
+def use_scan(loop: str) -> bool:
+  """True for one compiled ``lax.scan`` over the steps, False for one compiled step per
+  Python iteration.  ``"auto"``: Python on CPU (XLA:CPU runs weight gradients inside loops
+  10-40x slower, see ``benchmarks/loops.py``), scan on GPU/TPU."""
+  if loop == "auto":
+    return jax.default_backend() != "cpu"
+  return loop == "scan"
