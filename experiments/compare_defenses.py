@@ -8,7 +8,8 @@ For every clean-set size it runs one sweep of :mod:`experiments.pipeline` (attac
 defenses, defense ``none`` included for the before-numbers) in
 ``<workdir>/clean<size>/``, sharing the trained models through ``--model-dir`` (default
 ``runs/models_<dataset>_<preset>``, the same cache as :mod:`experiments.attack_table`), and
-writes ``comparison.md`` / ``comparison.json`` in ``<workdir>``:
+writes ``comparison.md`` / ``comparison.json`` and a plot per size
+(``comparison_clean<size>.png``, :func:`plot_comparison`) in ``<workdir>``:
 
 * one table per clean-set size: a row per (attack, seed), a column per defense, each cell
   ``ACC / ASR / seconds`` after the defense (ACC and ASR in %, seconds of the defense alone,
@@ -149,6 +150,72 @@ def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dic
                  "drop) + 1] / 2) against each baseline's, rows counted: "
                  + "; ".join(counts) + ".")
   return rows, "\n".join(lines) + "\n"
+
+
+def scatter_points(rows: Sequence[dict]) -> list[tuple[str, dict[str, tuple[float, float]]]]:
+  """What :func:`plot_comparison` draws: per row, its label (``attack`` and ``seed``) and
+  ``{"before" or defense: (ACC %, ASR %)}``, defenses in the row's order (``none``, the
+  before-numbers again, left out)."""
+  out = []
+  for row in rows:
+    points = {"before": (100 * row["before"]["acc"], 100 * row["before"]["asr"])}
+    for name, value in row.items():
+      if isinstance(value, dict) and "seconds" in value and name != "none":
+        points[name] = (100 * value["acc"], 100 * value["asr"])
+    out.append((f"{row['attack']} (seed {row['seed']})", points))
+  return out
+
+
+def plot_comparison(report: dict[str, list[dict]], stem: pathlib.Path) -> list[pathlib.Path]:
+  """One figure per clean-set size, ``<stem>_clean<size>.png``: a panel per row (attack,
+  seed) with ASR against ACC after each defense (up and left is bad, down and right is
+  good; the grey cross is the model before any defense), each defense in the same colour in
+  every panel.  Returns the written paths."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from experiments.pipeline import _save_figure
+
+  names = []
+  for rows in report.values():
+    for _, points in scatter_points(rows):
+      names += [n for n in points if n != "before" and n not in names]
+  palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # grey is "before"
+  colours = {n: palette[i % len(palette)] for i, n in enumerate(names)}
+  written = []
+  for size, rows in report.items():
+    panels = scatter_points(rows)
+    if not panels:
+      continue
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.4 * nrows + 0.6), squeeze=False)
+    for ax, (label, points) in zip(axes.ravel(), panels):
+      ax.plot(*points["before"], marker="X", color="grey", markersize=10, linestyle="")
+      for name, (acc, asr) in points.items():
+        if name == "before":
+          continue
+        ax.plot(acc, asr, marker="*" if name == "ibau" else "o", color=colours[name],
+                markersize=13 if name == "ibau" else 8, linestyle="", label=name)
+        ax.annotate(name, (acc, asr), fontsize=7, xytext=(3, 3), textcoords="offset points")
+      ax.set_title(label, fontsize=10)
+      ax.set_xlabel("ACC %")
+      ax.set_ylabel("ASR %")
+      ax.set_ylim(-4, 104)
+      ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(panels):]:
+      ax.axis("off")
+    handles = [plt.Line2D([], [], marker="X", color="grey", linestyle="", label="before")] + [
+        plt.Line2D([], [], marker="*" if n == "ibau" else "o", color=colours[n], linestyle="",
+                   label=n) for n in names]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=8)
+    fig.suptitle(f"{size} clean images: ASR and ACC after each defense")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path = stem.parent / f"{stem.name}_clean{size}.png"
+    _save_figure(fig, path)
+    plt.close(fig)
+    written.append(path)
+  return written
 
 
 def official_cells(config: pipeline.ExperimentConfig, models: Sequence[str],
@@ -317,7 +384,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="comma-separated finished work directories: write their tables as "
                            "one (to --out) and run nothing")
   parser.add_argument("--out", default="comparison_merged.md",
-                      help="with --merge: the markdown file (the JSON goes next to it)")
+                      help="with --merge: the markdown file (the JSON and the plots, "
+                           "<name>_clean<size>.png, go next to it)")
   args = parser.parse_args(argv)
   if args.merge:
     try:
@@ -328,6 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = pathlib.Path(args.out)
     files.atomic_write(out.with_suffix(".json"), json.dumps(report, indent=1))
     files.atomic_write(out, markdown)
+    plot_comparison(report, out.with_suffix(""))
     print(markdown)
     return 0
   from experiments import reproduce_official
@@ -386,6 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     f"defense.\n\n{md}\n{settings_note(config)}\n")
   files.atomic_write(workdir / "comparison.json", json.dumps(report, indent=1))
   files.atomic_write(workdir / "comparison.md", "\n".join(markdown))
+  plot_comparison(report, workdir / "comparison")
   print()
   print("\n".join(markdown))
   return 0

@@ -385,6 +385,25 @@ def test_comparison_table_cells_and_time_ratio():
 
 
 
+def test_comparison_plot_draws_every_defense_of_every_row(tmp_path):
+  def cell(attack, defense, acc, asr):
+    return dict(attack=attack, seed=0, defense=defense, acc_before=0.8, asr_before=0.99,
+                acc_after=acc, asr_after=asr, defense_seconds=5.0)
+  cells = [cell("badnets", "ibau", 0.79, 0.02), cell("badnets", "ft", 0.78, 0.5),
+           cell("badnets", "none", 0.8, 0.99), cell("wanet", "nc", 0.7, 0.2)]
+  rows, _ = compare_defenses.comparison(cells, ["ibau", "ft", "nc", "none"])
+  points = compare_defenses.scatter_points(rows)
+  assert points == [("badnets (seed 0)", {"before": (80.0, 99.0), "ibau": (79.0, 2.0),
+                                          "ft": (78.0, 50.0)}),
+                    ("wanet (seed 0)", {"before": (80.0, 99.0), "nc": (70.0, 20.0)})]
+  paths = compare_defenses.plot_comparison({"100": rows, "5000": rows[:1], "500": []},
+                                           tmp_path / "cmp")
+  assert paths == [tmp_path / "cmp_clean100.png", tmp_path / "cmp_clean5000.png"]
+  for path in paths:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert not (tmp_path / "cmp_clean500.png").exists()
+
+
 def test_merge_joins_work_directories_and_refuses_a_cell_held_twice(tmp_path, capsys):
   # Attacks with their own settings run in work directories of their own; --merge makes
   # one table of them, with each directory's settings and the medians over all rows.
@@ -429,6 +448,8 @@ def test_merge_joins_work_directories_and_refuses_a_cell_held_twice(tmp_path, ca
   assert compare_defenses.main(["--merge", f"{a},{b}", "--out", str(out)]) == 0
   assert out.read_text() == markdown
   assert json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(report))
+  assert sorted(p.name for p in tmp_path.glob("merged_clean*.png")) == [
+      "merged_clean100.png", "merged_clean500.png"]
   # The same cell in two directories, or a directory with no comparison, is an error.
   c = tmp_path / "c"
   sweep(c, 100, [], [cell("sig", "nc", 0.3, 200.0)])
@@ -470,6 +491,8 @@ def test_comparison_runs_dp_once_for_all_clean_set_sizes(tmp_path, capsys):
   note = (tmp_path / "w" / "comparison.md").read_text()
   assert "Settings: preset `smoke`" in note and "`dp` epochs=1" in note
   assert "; 50 clean images;" in note and "`ft`" not in note  # only the defenses run
+  assert sorted(p.name for p in (tmp_path / "w").glob("*.png")) == [
+      "comparison_clean100.png", "comparison_clean50.png"]
 
 # Every defense's smallest useful setting, for one end-to-end pass through the pipeline.
 _ALL_DEFENSES_TINY = [
