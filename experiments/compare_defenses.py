@@ -284,9 +284,12 @@ def official_cells(config: pipeline.ExperimentConfig, models: Sequence[str],
   return cells
 
 
-def settings_note(config: pipeline.ExperimentConfig) -> str:
+def settings_note(config: pipeline.ExperimentConfig,
+                  defenses: Optional[Sequence[str]] = None) -> str:
   """One markdown line with what a reader needs to rerun a table: the preset, the
-  attacker's settings and every defense setting that differs from its config's default."""
+  attacker's settings and every setting that differs from its config's default of the
+  ``defenses`` in the table (default: ``config.defenses``, the last command's)."""
+  defenses = config.defenses if defenses is None else defenses
   def fmt(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(d.items()))
   parts = [f"preset `{config.preset}`", f"poison ratio {config.poison_ratio}",
@@ -296,7 +299,7 @@ def settings_note(config: pipeline.ExperimentConfig) -> str:
   parts += [f"{name}: {fmt(v)}" for name, v in sorted(config.attack_settings.items()) if v]
   defense = {"ibau": config.ibau, "ft": config.ft, **config.defense_settings}
   parts += [f"`{name}` {fmt(v)}" for name, v in sorted(defense.items())
-            if v and name in config.defenses]
+            if v and name in defenses]
   return "Settings: " + "; ".join(parts) + "."
 
 
@@ -329,7 +332,10 @@ def merge(workdirs: Sequence[str | os.PathLike]) -> tuple[dict, str]:
                (folder / "cells", workdir / "official" / folder.name / "cells")
                for p in sorted(cells_dir.glob("*.json"))]
       if cells:  # a sweep that has not finished a cell yet adds no table and no note
-        by_size.setdefault(size, []).append((workdir, cells, settings_note(config)))
+        # The settings of every defense with a cell here: config.json holds the last
+        # command's --defenses, and a directory may have been filled by several commands.
+        note = settings_note(config, sorted({c["defense"] for c in cells}))
+        by_size.setdefault(size, []).append((workdir, cells, note))
       order += [d for d in config.defenses if d not in order]
     if not found:
       raise ValueError(f"{workdir} holds no comparison (no clean<size>/config.json)")

@@ -428,9 +428,10 @@ def test_merge_joins_work_directories_and_refuses_a_cell_held_twice(tmp_path, ca
         official=[cell("official badnets_8_02", "ibau", 0.5, 10.0),
                   cell("official badnets_8_02", "ft", 0.9, 50.0)])
   sweep(a, 500, [], [cell("badnets", "ibau", 0.0, 40.0), cell("badnets", "ft", 0.9, 20.0)])
-  sweep(b, 100, ["poison_ratio=0.05"], [cell("sig", "ibau", 0.1, 10.0),
-                                         cell("sig", "nc", 0.2, 300.0)])
-  sweep(b, 300, ["poison_ratio=0.05"], [])  # started, no cell finished yet: no table
+  # b's NC cell came from an earlier command than its config.json (--defense ibau).
+  sweep(b, 100, ["poison_ratio=0.05", "nc.steps=7"], [cell("sig", "ibau", 0.1, 10.0),
+                                                      cell("sig", "nc", 0.2, 300.0)])
+  sweep(b, 300, ["poison_ratio=0.05", "nc.steps=7"], [])  # no cell finished yet: no table
   report, markdown = compare_defenses.merge([a, b])
   assert list(report) == ["500", "100"]
   assert "300 clean images" not in markdown
@@ -443,6 +444,8 @@ def test_merge_joins_work_directories_and_refuses_a_cell_held_twice(tmp_path, ca
   assert "Median ratio of the fastest baseline's time to I-BAU's: 5.0 (over 3 rows)" in markdown
   assert f"- `{b}`: Settings: preset `smoke`; poison ratio 0.05; 100 clean images;" in markdown
   assert markdown.count(f"- `{a}`: Settings:") == 2
+  # The settings of every defense with a cell in the directory.
+  assert "100 clean images; `ibau` batch_size=50, rounds=1; `nc` steps=7." in markdown
   # The command line writes the markdown and the JSON and runs nothing.
   out = tmp_path / "merged.md"
   assert compare_defenses.main(["--merge", f"{a},{b}", "--out", str(out)]) == 0
