@@ -174,17 +174,15 @@ def plot_comparison(report: dict[str, list[dict]], stem: pathlib.Path) -> list[p
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from experiments.pipeline import _save_figure
-
+  panels_by_size = {size: scatter_points(rows) for size, rows in report.items()}
   names = []
-  for rows in report.values():
-    for _, points in scatter_points(rows):
+  for panels in panels_by_size.values():
+    for _, points in panels:
       names += [n for n in points if n != "before" and n not in names]
   palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # grey is "before"
   colours = {n: palette[i % len(palette)] for i, n in enumerate(names)}
   written = []
-  for size, rows in report.items():
-    panels = scatter_points(rows)
+  for size, panels in panels_by_size.items():
     if not panels:
       continue
     cols = min(3, len(panels))
@@ -196,7 +194,7 @@ def plot_comparison(report: dict[str, list[dict]], stem: pathlib.Path) -> list[p
         if name == "before":
           continue
         ax.plot(acc, asr, marker="*" if name == "ibau" else "o", color=colours[name],
-                markersize=13 if name == "ibau" else 8, linestyle="", label=name)
+                markersize=13 if name == "ibau" else 8, linestyle="")
         ax.annotate(name, (acc, asr), fontsize=7, xytext=(3, 3), textcoords="offset points")
       ax.set_title(label, fontsize=10)
       ax.set_xlabel("ACC %")
@@ -212,7 +210,7 @@ def plot_comparison(report: dict[str, list[dict]], stem: pathlib.Path) -> list[p
     fig.suptitle(f"{size} clean images: ASR and ACC after each defense")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = stem.parent / f"{stem.name}_clean{size}.png"
-    _save_figure(fig, path)
+    pipeline.save_figure(fig, path)
     plt.close(fig)
     written.append(path)
   return written

@@ -773,7 +773,7 @@ def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  _save_figure(fig, folder / f"{name}_rounds.png")
+  save_figure(fig, folder / f"{name}_rounds.png")
   plt.close(fig)
   if splits is None:
     return
@@ -803,11 +803,12 @@ def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
     a.set_yticks([])
   fig.suptitle(f"{config.dataset} {cell['attack']} (seed {cell['seed']})")
   fig.tight_layout()
-  _save_figure(fig, folder / f"{name}_gallery.png")
+  save_figure(fig, folder / f"{name}_gallery.png")
   plt.close(fig)
 
 
-def _save_figure(fig, path: pathlib.Path) -> None:
+def save_figure(fig, path: pathlib.Path) -> None:
+  """Writes a matplotlib figure as PNG atomically (a killed run leaves no half file)."""
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
   files.atomic_write(path, buf.getvalue())
