@@ -237,6 +237,26 @@ def test_one_anp_iteration_equals_hand_computation():
                              rtol=1e-6)
 
 
+def test_anp_scan_and_python_loops_agree():
+  variables = _small_variables()
+  x, y = _small_data(24)
+  config = anp_lib.ANPConfig(iterations=6, batch_size=8, log_every=3, eps=0.3,
+                             learning_rate=2.0, threshold=0.9)
+  run = lambda loop: anp_lib.anp(apply_small, variables, x, y, config.replace(loop=loop),
+                                 key=jax.random.PRNGKey(3))
+  scan, python = run("scan"), run("python")
+  for a, b in zip(scan.history, python.history):
+    for k in ("loss", "loss_nat", "loss_rob", "noise_abs_max"):
+      assert a[k] == pytest.approx(b[k], rel=1e-5), k
+    for name in a["masks"]:
+      np.testing.assert_allclose(a["masks"][name], b["masks"][name], rtol=1e-5, atol=1e-6)
+    assert a["pruned"] == b["pruned"]
+  # The masks moved, and the six iterations pruned something.
+  assert min(float(m.min()) for m in python.history[-1]["masks"].values()) < 0.99
+  assert python.history[-1]["num_pruned"] > 0
+  _assert_trees_equal(scan.variables, python.variables)
+
+
 def test_anp_layers_and_errors():
   x, y = _small_data(24)
   variables = _small_variables()
@@ -264,7 +284,7 @@ def test_anp_layers_and_errors():
     (dict(layers="bn0"), "string"), (dict(layers=()), "layers"),
     (dict(layers=("bn0", "bn0")), "repeated"), (dict(anp_steps=0), "anp_steps"),
     (dict(log_every=0), "log_every"), (dict(callback=3), "callback"),
-    (dict(checkpoint_dir=1), "checkpoint_dir"),
+    (dict(checkpoint_dir=1), "checkpoint_dir"), (dict(loop="gpu"), "loop"),
 ])
 def test_anp_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
