@@ -102,8 +102,9 @@ class ANPConfig:
     loop: how the iterations run: ``"scan"``, one compiled ``lax.scan`` per ``log_every``
       chunk; ``"python"``, one compiled iteration per Python step (no host round-trip in
       between); ``"auto"``: Python on CPU, where XLA:CPU runs these convolutions inside a
-      loop several times slower (small-VGG16, batch 128, next to another job: 12.0 s against 1.8 s an
-      iteration), scan elsewhere.  Both give the same masks up to float rounding.
+      loop several times slower (small-VGG16, batch 128, next to another job: 12.0 s
+      against 1.8 s an iteration), scan elsewhere.  Both give the same masks up to float
+      rounding.
   """
 
   iterations: int = 500
@@ -278,7 +279,7 @@ def prune_neurons(variables: PyTree, pruned: Mapping[str, Any], zero_bias: bool 
 
 
 # ----------------------------------------------------------------------------------------
-# The mask optimisation (one jitted lax.scan per chunk of iterations)
+# The mask optimisation (one jitted lax.scan per chunk, or one jitted step per iteration)
 # ----------------------------------------------------------------------------------------
 
 
