@@ -270,8 +270,7 @@ class IBAUConfig:
       raise ValueError(f"IBAUConfig.inner_reg must be >= 0, got {self.inner_reg!r}")
     if self.norm_bound is not None and not float(self.norm_bound) > 0.0:
       raise ValueError(f"IBAUConfig.norm_bound must be positive or None, got {self.norm_bound!r}")
-    if self.loop not in ("auto", "scan", "python"):
-      raise ValueError(f"IBAUConfig.loop must be 'auto', 'scan' or 'python', got {self.loop!r}")
+    _loops.check("IBAUConfig", self.loop)
     if self.callback is not None and not callable(self.callback):
       raise ValueError("IBAUConfig.callback must be callable or None")
     _resume.check_folder("IBAUConfig", self.checkpoint_dir)

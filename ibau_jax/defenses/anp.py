@@ -127,8 +127,7 @@ class ANPConfig:
   loop: str = dataclasses.field(default="auto", compare=False)
 
   def __post_init__(self):
-    if self.loop not in _loops.LOOPS:
-      raise ValueError(f"ANPConfig.loop must be one of {_loops.LOOPS}, got {self.loop!r}")
+    _loops.check("ANPConfig", self.loop)
     _checks.integers("ANPConfig", self, ("iterations", "batch_size", "anp_steps", "log_every"))
     _resume.check_folder("ANPConfig", self.checkpoint_dir)
     _checks.integers("ANPConfig", self, ("prune_number",), minimum=0)

@@ -169,9 +169,7 @@ class DeepInspectConfig:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DeepInspectConfig.{name} must be a bool, got "
                          f"{getattr(self, name)!r}")
-    if self.loop not in ("auto", "scan", "python"):
-      raise ValueError(f"DeepInspectConfig.loop must be 'auto', 'scan' or 'python', got "
-                       f"{self.loop!r}")
+    _loops.check("DeepInspectConfig", self.loop)
     _checks.optional_callable("DeepInspectConfig", self)
 
   def replace(self, **changes) -> "DeepInspectConfig":

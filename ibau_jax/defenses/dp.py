@@ -76,8 +76,7 @@ class DPConfig:
 
   def __post_init__(self):
     _checks.integers("DPConfig", self, ("epochs", "batch_size"))
-    if self.loop not in ("auto", "scan", "python"):
-      raise ValueError(f"DPConfig.loop must be 'auto', 'scan' or 'python', got {self.loop!r}")
+    _loops.check("DPConfig", self.loop)
     _checks.sgd("DPConfig", self, weight_decay=None)
     _checks.reals("DPConfig", self, ("clip_norm",), minimum=0, min_open=True)
     _checks.reals("DPConfig", self, ("noise_multiplier",), minimum=0)

@@ -158,8 +158,7 @@ class NCConfig:
 
   def __post_init__(self):
     name = type(self).__name__
-    if self.loop not in ("auto", "scan", "python"):
-      raise ValueError(f"{name}.loop must be 'auto', 'scan' or 'python', got {self.loop!r}")
+    _loops.check(name, self.loop)
     _checks.integers(name, self, ("steps", "batch_size", "patience", "log_every"))
     _checks.integers(name, self, ("unlearn_epochs",), minimum=0)
     # Loose checks (bounds only; NaN fails, infinities pass where the bounds allow).
