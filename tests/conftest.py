@@ -1,10 +1,11 @@
 """Test-session setup: one persistent XLA compilation cache shared by the whole run.
 
-On CPU most of a small test's time is XLA compilation (the tiny smoke pipeline: 100 s cold,
-21 s with every program already compiled), and many tests, and the subprocesses some of them
-start, compile the same programs. The cache lives in a fresh temporary directory per pytest
-session, so every run starts cold, measures honestly, and leaves nothing behind. Subprocesses
-inherit it through the environment. A cache hit is still a new entry in `jax.jit`'s own
+On CPU most of a small test's time is XLA compilation (the tiny smoke pipeline, measured next
+to other work: 100 s cold, 21 s with every program already compiled), and many tests, and the
+subprocesses some of them start, compile the same programs. The cache lives in a fresh
+temporary directory per pytest session, so every run starts cold, measures honestly, and
+leaves nothing behind. The pytest-xdist workers and the subprocesses inherit it through the
+environment (a worker finds the variable set and leaves the directory to the controller). A cache hit is still a new entry in `jax.jit`'s own
 tracing cache, so the no-recompilation tests (which count those entries) are unaffected.
 """
 import os
