@@ -5,8 +5,9 @@ to other work: 100 s cold, 21 s with every program already compiled), and many t
 subprocesses some of them start, compile the same programs. The cache lives in a fresh
 temporary directory per pytest session, so every run starts cold, measures honestly, and
 leaves nothing behind. The pytest-xdist workers and the subprocesses inherit it through the
-environment (a worker finds the variable set and leaves the directory to the controller). A cache hit is still a new entry in `jax.jit`'s own
-tracing cache, so the no-recompilation tests (which count those entries) are unaffected.
+environment (a worker finds the variable set and leaves the directory to the controller).
+A cache hit is still a new entry in `jax.jit`'s own tracing cache, so the no-recompilation
+tests (which count those entries) are unaffected.
 """
 import os
 import shutil
@@ -24,7 +25,7 @@ def pytest_configure(config):
   # Cache every program, however small or quick to compile.
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  import jax  # after the environment, so that an earlier import still gets the settings
+  import jax  # the updates below also reach a jax imported before this hook
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
