@@ -15,11 +15,9 @@ from ibau_jax import metrics
 
 K = 4
 VARIABLES = {"table": jnp.eye(K)}
-TRACES = []
 
 
 def fake_apply(variables, images):
-  TRACES.append(images.shape)  # runs once per trace, not per call
   return variables["table"][images[:, 0].astype(jnp.int32)]
 
 
@@ -46,11 +44,18 @@ def test_accuracy_and_predict_non_divisible_batches():
 
 
 def test_padding_keeps_one_compiled_shape():
-  TRACES.clear()
+  # A function of its own: the compiled-function cache is per process, and
+  # another test in this worker may already have traced ``fake_apply``.
+  traces = []
+
+  def counting_apply(variables, images):
+    traces.append(images.shape)  # runs once per trace, not per call
+    return fake_apply(variables, images)
+
   images = _images(np.arange(10) % K)
-  metrics.predict(fake_apply, VARIABLES, images, batch_size=4)  # 4 + 4 + (2 -> 4)
-  metrics.predict(fake_apply, VARIABLES, images[:9], batch_size=4)
-  assert TRACES == [(4, 1)]
+  metrics.predict(counting_apply, VARIABLES, images, batch_size=4)  # 4 + 4 + (2 -> 4)
+  metrics.predict(counting_apply, VARIABLES, images[:9], batch_size=4)
+  assert traces == [(4, 1)]
 
 
 def test_asr_and_ra_exclude_target_class_images():
