@@ -425,6 +425,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error(f"--clean-sizes must be comma-separated integers, got {args.clean_sizes!r}")
   workdir = pathlib.Path(args.workdir or f"runs/compare_{args.dataset}_{args.preset}")
   model_dir = args.model_dir or f"runs/models_{args.dataset}_{args.preset}"
+  try:
+    # One comparison per work directory (its sweeps' own folders are locked as well).
+    with files.locked(workdir, hint=pipeline.BUSY_HINT):
+      return _sweep(args, attacks, official, defenses, sizes, workdir, model_dir)
+  except files.FolderBusy as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _sweep(args: argparse.Namespace, attacks: list[str], official: list[str],
+           defenses: list[str], sizes: list[int], workdir: pathlib.Path, model_dir: str) -> int:
+  """Runs (or resumes) the sweep of every clean-set size; writes and prints the tables."""
   report, markdown = {}, []
   for i, size in enumerate(sizes):
     extra = [f"clean_size={size}"]

@@ -486,39 +486,43 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
   final = folder / "variables.msgpack"
   model = _model(config)
   tconfig = config.train_config()
-  if final.is_file():
-    info = json.loads((folder / "info.json").read_text())
-    template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 splits.train_x[:1], train=False))
-    template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
-    variables = flax.serialization.from_bytes(template, final.read_bytes())
-    log(f"  model: reused {folder.name} (trained in {info['train_seconds'] / 60:.1f} min)")
+  # Sweeps sharing ``model_dir`` train each model once: a second sweep that needs a model
+  # being trained waits for it, then loads it.
+  with files.locked(folder, wait=True, on_wait=lambda holder: log(
+      f"  model: waiting for {folder.name}, which another process is training ({holder})")):
+    if final.is_file():
+      info = json.loads((folder / "info.json").read_text())
+      template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                   splits.train_x[:1], train=False))
+      template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
+      variables = flax.serialization.from_bytes(template, final.read_bytes())
+      log(f"  model: reused {folder.name} (trained in {info['train_seconds'] / 60:.1f} min)")
+      return variables, info
+    files.remove_temporaries(folder)  # a training killed while writing its results
+    key = jax.random.PRNGKey(seed)
+    _, k_train = jax.random.split(key)
+    start = time.perf_counter()
+    x, y, mask = poisoned_training_set(config, attack_name, seed, splits)
+    # Without augment_triggered, the images that carry the trigger are not augmented (WaNet's
+    # noise-mode images, warped at random with their labels kept, are).
+    augment_mask = (~mask if not config.augment_triggered and attack_name != "clean" else None)
+    bar = _bar(tconfig.epochs, f"train {attack_name} seed {seed}", progress)
+
+    def callback(epoch, metrics):
+      bar.update(1)
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+
+    variables, history = train_lib.fit(model, x, y, tconfig, key=k_train, callback=callback,
+                                       checkpoint_dir=folder / "checkpoints",
+                                       augment_mask=augment_mask)
+    bar.close()
+    seconds = time.perf_counter() - start
+    info = dict(spec=spec, poisoned=int(mask.sum()), train_seconds=seconds, history=history)
+    files.atomic_write(folder / "info.json", json.dumps(info, indent=1))
+    files.atomic_write(final, flax.serialization.to_bytes(jax.device_get(variables)))
+    log(f"  model: trained {attack_name} seed {seed} on {len(y)} images ({int(mask.sum())} "
+        f"poisoned) in {seconds / 60:.1f} min")
     return variables, info
-  files.remove_temporaries(folder)  # a training killed while writing its results
-  key = jax.random.PRNGKey(seed)
-  _, k_train = jax.random.split(key)
-  start = time.perf_counter()
-  x, y, mask = poisoned_training_set(config, attack_name, seed, splits)
-  # Without augment_triggered, the images that carry the trigger are not augmented (WaNet's
-  # noise-mode images, warped at random with their labels kept, are).
-  augment_mask = (~mask if not config.augment_triggered and attack_name != "clean" else None)
-  bar = _bar(tconfig.epochs, f"train {attack_name} seed {seed}", progress)
-
-  def callback(epoch, metrics):
-    bar.update(1)
-    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
-
-  variables, history = train_lib.fit(model, x, y, tconfig, key=k_train, callback=callback,
-                                     checkpoint_dir=folder / "checkpoints",
-                                     augment_mask=augment_mask)
-  bar.close()
-  seconds = time.perf_counter() - start
-  info = dict(spec=spec, poisoned=int(mask.sum()), train_seconds=seconds, history=history)
-  files.atomic_write(folder / "info.json", json.dumps(info, indent=1))
-  files.atomic_write(final, flax.serialization.to_bytes(jax.device_get(variables)))
-  log(f"  model: trained {attack_name} seed {seed} on {len(y)} images ({int(mask.sum())} "
-      f"poisoned) in {seconds / 60:.1f} min")
-  return variables, info
 
 
 class _NoBar:
@@ -873,11 +877,26 @@ def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
   now) in sweep order; the reports in ``workdir`` are refreshed after every cell.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  # One sweep per work directory: a second one would delete the first's in-flight
+  # temporaries below and write the same cells.
+  with files.locked(workdir, hint=BUSY_HINT):
+    return _run(config, workdir, data_dir=data_dir, log=log, progress=progress,
+                model_dir=model_dir)
+
+
+#: What to do when a work directory is busy.
+BUSY_HINT = ("another sweep is running in it: wait for it, or run parallel sweeps in "
+             "separate work directories (sharing --model-dir) and join their cells with "
+             "`python -m experiments.compare_defenses --merge`")
+
+
+def _run(config: ExperimentConfig, workdir: pathlib.Path, *, data_dir: Optional[str],
+         log: Callable[[str], None], progress: bool,
+         model_dir: Optional[str | os.PathLike]) -> list[dict]:
   model_dir = pathlib.Path(model_dir) if model_dir is not None else workdir / "models"
   check_workdir(config, workdir)
-  # Reports and cells are written by this process alone (model folders, which other sweeps
-  # may share, are cleaned by the training that resumes them).
+  # Reports and cells are written by this process alone (the lock above; model folders,
+  # which other sweeps may share, are locked and cleaned by the training that resumes them).
   files.remove_temporaries(workdir)
   files.remove_temporaries(workdir / "cells")
   files.remove_temporaries(workdir / "plots")

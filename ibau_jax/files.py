@@ -1,10 +1,27 @@
-"""Crash-safe file writes."""
+"""Crash-safe file writes, and a lock that keeps a folder to one process at a time."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import pathlib
+import socket
+import sys
 import tempfile
+from typing import Callable, Iterator, Optional
+
+try:
+  import fcntl
+except ImportError:  # not POSIX: folders are not locked
+  fcntl = None
+
+#: The lock file :func:`locked` creates in the folder it locks.
+LOCK_NAME = ".lock"
+
+
+class FolderBusy(ValueError):
+  """Another process holds the folder's lock (see :func:`locked`)."""
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -41,3 +58,65 @@ def remove_temporaries(folder: str | os.PathLike, recursive: bool = False) -> in
       path.unlink(missing_ok=True)
       count += 1
   return count
+
+
+@contextlib.contextmanager
+def locked(folder: str | os.PathLike, *, wait: bool = False,
+           on_wait: Optional[Callable[[str], None]] = None,
+           hint: str = "wait for it to finish, or use another folder") -> Iterator[None]:
+  """Holds an exclusive lock on ``folder`` (created if needed) for the ``with`` block.
+
+  The lock is ``fcntl.flock`` on ``folder/.lock``, so the operating system releases it when
+  the holder exits, also on a crash or ``kill -9``: there is no stale lock to clear by hand.
+  The holder writes its process id, host, start time and command line into the file.
+
+  Args:
+    folder: the folder to lock.
+    wait: False: raise :class:`FolderBusy` at once if another process holds the lock.
+      True: block until it is released.
+    on_wait: called once with the holder's description before blocking (``wait=True``).
+    hint: what to do instead, the end of :class:`FolderBusy`'s message.
+
+  Raises:
+    FolderBusy: (``wait=False``) the folder is locked by another process, or by another
+      ``locked`` block of this process (locks are per open file, not per process).
+
+  Where ``fcntl`` is missing (not POSIX) the block runs without a lock.
+  """
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  if fcntl is None:
+    yield
+    return
+  path = folder / LOCK_NAME
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _holder(path)
+      if not wait:
+        raise FolderBusy(f"{folder} is in use by another process ({holder}); {hint}") from None
+      if on_wait is not None:
+        on_wait(holder)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    note = (f"pid {os.getpid()} on {socket.gethostname()} since {started}: "
+            f"{' '.join(sys.argv)}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, note.encode(), 0)
+    try:
+      yield
+    finally:
+      os.ftruncate(fd, 0)
+      fcntl.flock(fd, fcntl.LOCK_UN)
+  finally:
+    os.close(fd)
+
+
+def _holder(path: pathlib.Path) -> str:
+  try:
+    text = path.read_text().strip()
+  except OSError:
+    text = ""
+  return text or "holder unknown"

@@ -19,6 +19,7 @@ from experiments import compare_defenses
 from experiments import cifar10
 from experiments import gtsrb
 from experiments import pipeline
+from ibau_jax import files
 
 from _interrupt import interrupt
 
@@ -134,6 +135,37 @@ def test_missing_data_dir_and_changed_config_are_refused(tmp_path, capsys):
   err = capsys.readouterr().err
   assert code == 2 and "different configuration" in err and "poison_ratio" in err
 
+
+
+def test_a_second_sweep_in_a_busy_work_directory_is_refused_and_deletes_nothing(
+    tmp_path, capsys):
+  # Two sweeps in one work directory: the second would delete the first's in-flight
+  # temporaries (a config, a cell, a checkpoint being written) and redo its cells.
+  workdir = tmp_path / "w"
+  in_flight = [workdir / ".config.json.abc.tmp", workdir / "cells" / ".x.json.abc.tmp",
+               workdir / "partial" / "cell" / ".state.abc.tmp"]
+  for path in in_flight:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("being written")
+  with files.locked(workdir):  # "the first sweep"
+    assert cifar10.main(TINY + ["--attack", "badnets", "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{workdir} is in use by another process (pid {os.getpid()}" in err
+    assert "--merge" in err
+  assert all(p.read_text() == "being written" for p in in_flight)
+  assert not (workdir / "config.json").exists()
+  # A comparison's work directory too (its clean-set folders are sweeps of their own).
+  top = tmp_path / "c"
+  with files.locked(top / "clean100"):
+    assert compare_defenses.main(
+        ["--preset", "smoke", "--attacks", "badnets", "--defenses", "ft", "--clean-sizes",
+         "100", "--workdir", str(top), "--model-dir", str(tmp_path / "m"),
+         "--no-progress"]) == 2
+  assert "is in use by another process" in capsys.readouterr().err
+  with files.locked(top):
+    assert compare_defenses.main(["--preset", "smoke", "--attacks", "badnets",
+                                  "--workdir", str(top)]) == 2
+  assert "is in use by another process" in capsys.readouterr().err
 
 
 def test_a_work_directory_takes_more_attacks_defenses_and_seeds(tmp_path):
