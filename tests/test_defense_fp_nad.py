@@ -398,3 +398,29 @@ def test_bad_layers_and_inputs_raise():
                     fp.FPConfig(batch_size=8), key=key)
   with pytest.raises(ValueError, match="batch"):
     nad.nad(apply_fn, VARIABLES, X[:4], Y[:4], nad.NADConfig(batch_size=8), key=key)
+
+
+def test_a_diverging_teacher_student_or_fine_tuning_is_a_clear_error():
+  # Frozen BatchNorm statistics make SGD diverge at a large enough learning rate; the
+  # defenses stop with the setting to lower instead of returning NaN parameters.
+  huge = 1e12
+  with pytest.raises(ValueError, match=r"NAD's teacher \(fine-tuning\) diverged: .* epoch 0; "
+                                       r"lower NADConfig.teacher_learning_rate"):
+    nad.nad(apply_fn, VARIABLES, X, Y,
+            nad.NADConfig(teacher_epochs=1, teacher_learning_rate=huge, epochs=1, **SGD),
+            key=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r"NAD's student diverged: .* lower "
+                                       r"NADConfig.learning_rate"):
+    nad.nad(apply_fn, VARIABLES, X, Y,
+            nad.NADConfig(teacher_epochs=1, teacher_learning_rate=0.01, epochs=1,
+                          **{**SGD, "learning_rate": huge}),
+            key=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r"^fine-tuning diverged: .* lower "
+                                       r"FTConfig.learning_rate"):
+    defenses.fine_tune(apply_fn, VARIABLES, X, Y, FT.replace(learning_rate=huge),
+                       key=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r"Fine-Pruning's fine-tuning diverged"):
+    fp.fine_pruning(apply_fn, VARIABLES, X, Y,
+                    fp.FPConfig(prune_ratio=0.5, max_acc_drop=1.0, epochs=1, batch_size=8,
+                                learning_rate=huge),
+                    key=jax.random.PRNGKey(0))

@@ -78,3 +78,11 @@ def optional_callable(cls_name: str, obj, name: str = "callback") -> None:
   v = getattr(obj, name)
   if v is not None and not callable(v):
     raise ValueError(f"{cls_name}.{name} must be callable or None, got {v!r}")
+
+
+def finite_loss(loss: float, what: str, epoch: int, hint: str) -> None:
+  """Raises ValueError if an epoch's mean ``loss`` is NaN or infinite: the SGD run named
+  ``what`` diverged (the caller's variables are untouched; ``hint`` says what to lower)."""
+  if not math.isfinite(loss):
+    raise ValueError(f"{what} diverged: its loss became non-finite ({loss}) in epoch {epoch}; "
+                     f"{hint}")

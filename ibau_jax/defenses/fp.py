@@ -307,6 +307,8 @@ def fine_tune_masked(apply_fn, variables: PyTree, images, labels, keep: PyTree,
       losses.append(loss)
     entry = dict(stage="finetune", epoch=epoch, loss=float(jnp.mean(jnp.stack(losses))),
                  seconds=time.perf_counter() - start)
+    _checks.finite_loss(entry["loss"], "Fine-Pruning's fine-tuning", epoch,
+                        "lower FPConfig.learning_rate or raise batch_size")
     history.append(entry)
     if callback is not None:
       callback(epoch, dict(entry), {**variables, "params": params})

@@ -219,7 +219,8 @@ def nad(apply_fn, variables: PyTree, images, labels, config: NADConfig = NADConf
 
   Raises:
     ValueError: bad inputs, a layer name that is not in the model, a layer output of rank
-      < 3, or a number of betas that differs from the number of layers.
+      < 3, a number of betas that differs from the number of layers, or a teacher or student
+      whose loss became non-finite (diverged).
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
   check_inputs(apply_fn, variables, images, labels, config.batch_size)
@@ -253,7 +254,8 @@ def nad(apply_fn, variables: PyTree, images, labels, config: NADConfig = NADConf
 
   teacher = fine_tune(apply_fn, variables, images, labels,
                       config.teacher_config().replace(callback=teacher_callback),
-                      key=teacher_key)
+                      key=teacher_key, what="NAD's teacher (fine-tuning)",
+                      hint="lower NADConfig.teacher_learning_rate or raise batch_size")
   history.extend({**h, "stage": "teacher"} for h in teacher.history)
   teacher_params = teacher.variables["params"]
 
@@ -281,6 +283,8 @@ def nad(apply_fn, variables: PyTree, images, labels, config: NADConfig = NADConf
                  ce=float(jnp.mean(jnp.stack(ces))),
                  attention=[float(a) for a in jnp.mean(jnp.stack(ats), axis=0)],
                  seconds=time.perf_counter() - start)
+    _checks.finite_loss(entry["loss"], "NAD's student", epoch,
+                        "lower NADConfig.learning_rate or betas, or raise batch_size")
     history.append(entry)
     if config.callback is not None:
       config.callback(epoch, dict(entry), {**variables, "params": params})
