@@ -538,3 +538,19 @@ def test_dp_sgd_rejects_bad_input():
   with pytest.raises(ValueError, match="batch"):
     dp_lib.dp_sgd(apply_small, _small_variables(), x[:4], y[:4], dp_lib.DPConfig(batch_size=8),
                   key=jax.random.PRNGKey(0))
+
+
+def test_diverging_dp_sgd_and_anp_are_clear_errors():
+  variables = _small_variables()
+  x, y = _small_data(24)
+  with pytest.raises(ValueError, match=r"^DP-SGD diverged: .* non-finite .* epoch 0; lower "
+                                       r"DPConfig.learning_rate"):
+    dp_lib.dp_sgd(apply_small, variables, x, y,
+                  dp_lib.DPConfig(epochs=2, batch_size=8, learning_rate=1e12),
+                  key=jax.random.PRNGKey(0))
+  # Multiplicative perturbations of size 1e20 overflow the logits.
+  with pytest.raises(ValueError, match=r"^ANP's mask optimisation diverged: .* iteration 1; "
+                                       r"lower ANPConfig.eps"):
+    anp_lib.anp(apply_small, variables, x, y,
+                anp_lib.ANPConfig(iterations=2, batch_size=8, log_every=1, eps=1e20),
+                key=jax.random.PRNGKey(0))

@@ -339,3 +339,12 @@ def test_rejects_bad_input(change, match):
   with pytest.raises(ValueError, match=match):
     di.deepinspect(apply_fn, variables, kwargs["images"], kwargs["labels"], CONFIG,
                    key=jax.random.PRNGKey(0))
+
+
+def test_a_diverging_patching_is_a_clear_error():
+  x, y = _clean_set()
+  config = CONFIG.replace(inversion_steps=3, generator_steps=3, patch_epochs=2, threshold=1e-6,
+                          patch_lr=1e30)
+  with pytest.raises(ValueError, match=r"^DeepInspect's patching diverged: .* epoch 0; lower "
+                                       r"DeepInspectConfig.patch_lr"):
+    di.deepinspect(apply_fn, _model(), x, y, config, key=jax.random.PRNGKey(3))

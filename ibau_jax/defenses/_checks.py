@@ -80,9 +80,10 @@ def optional_callable(cls_name: str, obj, name: str = "callback") -> None:
     raise ValueError(f"{cls_name}.{name} must be callable or None, got {v!r}")
 
 
-def finite_loss(loss: float, what: str, epoch: int, hint: str) -> None:
+def finite_loss(loss: float, what: str, epoch: int, hint: str, unit: str = "epoch") -> None:
   """Raises ValueError if an epoch's mean ``loss`` is NaN or infinite: the SGD run named
-  ``what`` diverged (the caller's variables are untouched; ``hint`` says what to lower)."""
+  ``what`` diverged (the caller's variables are untouched; ``hint`` says what to lower).
+  ``unit`` names what ``epoch`` counts (``"epoch"``, ``"iteration"``, ...)."""
   if not math.isfinite(loss):
-    raise ValueError(f"{what} diverged: its loss became non-finite ({loss}) in epoch {epoch}; "
+    raise ValueError(f"{what} diverged: its loss became non-finite ({loss}) in {unit} {epoch}; "
                      f"{hint}")

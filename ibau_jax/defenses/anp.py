@@ -372,6 +372,10 @@ def anp(apply_fn, variables: PyTree, images, labels, config: ANPConfig = ANPConf
     ``mask_min``, ``mask_max``, ``pruned`` (``{layer: indices}`` the current masks would
     prune), ``num_pruned`` and ``seconds``.  The last entry's ``pruned`` is what was pruned.
     Entries restored from a checkpoint also have ``seconds_before`` (equal to ``seconds``).
+
+  Raises:
+    ValueError: the loss of a ``log_every`` chunk, or a mask, is NaN or infinite (e.g. an ε
+      so large that the perturbed logits overflow); the last saved state is kept.
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
   check_inputs(apply_fn, variables, images, labels, config.batch_size)
@@ -436,6 +440,10 @@ def anp(apply_fn, variables: PyTree, images, labels, config: ANPConfig = ANPConf
                  pruned={k: v.tolist() for k, v in pruned.items()},
                  num_pruned=int(sum(v.size for v in pruned.values())),
                  seconds=time.perf_counter() - start)
+    # (NaN masks after a finite loss would make the next chunk's loss NaN: stop now.)
+    _checks.finite_loss(entry["loss"] if np.isfinite(all_masks).all() else float("nan"),
+                        "ANP's mask optimisation", done, "lower ANPConfig.eps or learning_rate",
+                        unit="iteration")
     history.append(entry)
     _resume.save(path, digest, done, sum(h["seconds"] for h in history), (masks, opt_state),
                  _resume.to_json([{k: v for k, v in h.items() if k != "seconds_before"}

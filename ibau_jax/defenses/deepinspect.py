@@ -489,6 +489,9 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
     ``"detection"`` (``scores``, ``flagged``, ``median``, ``mad_left``, ``mad_right``,
     ``statistic``), ``"patching"`` (``patched``, ``flagged``, per-epoch mean ``losses``;
     ``patched`` False and no losses when nothing was flagged).
+
+  Raises:
+    ValueError: a patching epoch's mean loss is NaN or infinite (lower ``patch_lr``).
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
   check_inputs(apply_fn, variables, images, labels, config.batch_size)
@@ -596,6 +599,8 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
                                             jax.random.fold_in(k_epoch, i + 1))
       epoch_losses.append(loss)
     losses.append(float(jnp.mean(jnp.stack(epoch_losses))))
+    _checks.finite_loss(losses[-1], "DeepInspect's patching", epoch,
+                        "lower DeepInspectConfig.patch_lr")
   finish("patching", start, dict(patched=True, flagged=list(flagged), losses=losses), params)
   _resume.remove(path)
   return DefenseResult(variables={**variables, "params": params}, history=history)

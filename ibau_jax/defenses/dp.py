@@ -192,6 +192,10 @@ def dp_sgd(apply_fn, variables: PyTree, images, labels, config: DPConfig = DPCon
     ``epoch``, mean (non-private) training ``loss``, mean per-example ``grad_norm`` before
     clipping, ``clipped_fraction`` (of per-example gradients with norm above C) and
     ``seconds``.
+
+  Raises:
+    ValueError: an epoch's mean loss is NaN or infinite (the run diverged; the message names
+      the settings to lower) instead of returning NaN parameters.
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
   check_inputs(apply_fn, variables, images, labels, config.batch_size)
@@ -217,6 +221,8 @@ def dp_sgd(apply_fn, variables: PyTree, images, labels, config: DPConfig = DPCon
                  grad_norm=float(jnp.mean(stats["grad_norm"])),
                  clipped_fraction=float(jnp.mean(stats["clipped_fraction"])),
                  seconds=time.perf_counter() - start)
+    _checks.finite_loss(entry["loss"], "DP-SGD", epoch,
+                        "lower DPConfig.learning_rate or noise_multiplier, or raise batch_size")
     history.append(entry)
     if config.callback is not None:
       config.callback(epoch, dict(entry), {**variables, "params": params})

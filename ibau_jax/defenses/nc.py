@@ -473,7 +473,9 @@ def _unlearn_epoch(config: NCConfig, apply_fn, params, opt_state, rest, images, 
 def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *,
                 key: jax.Array, regulariser: Optional[Regulariser] = None):
   """Neural Cleanse's three stages with an optional extra regulariser in step 1 (shared by
-  :func:`neural_cleanse` and :func:`ibau_jax.defenses.tabor.tabor`)."""
+  :func:`neural_cleanse` and :func:`ibau_jax.defenses.tabor.tabor`).  Raises
+  ValueError when an unlearning epoch's mean loss is NaN or infinite (lower
+  ``unlearn_learning_rate``) rather than returning NaN parameters."""
   from ibau_jax.defenses import DefenseResult, check_inputs
   check_inputs(apply_fn, variables, images, labels, config.batch_size)
   images = jnp.asarray(images, jnp.float32)
@@ -511,6 +513,9 @@ def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *
                                              labels, masks, patterns,
                                              jax.random.fold_in(k_unlearn, epoch), config.loop)
     losses.append(float(loss))
+    cls = type(config).__name__
+    _checks.finite_loss(losses[-1], f"{_NAMES.get(cls, cls)}'s unlearning", epoch,
+                        f"lower {cls}.unlearn_learning_rate")
   defended = {**variables, "params": params}
   entry = dict(stage="unlearning", epoch_losses=losses, trigger_classes=flagged,
                seconds=time.perf_counter() - start)
@@ -519,6 +524,9 @@ def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *
     config.callback(1, dict(entry), defended)
   _remove_checkpoint(config)
   return DefenseResult(variables=defended, history=history)
+
+
+_NAMES = {"NCConfig": "Neural Cleanse", "TABORConfig": "TABOR"}
 
 
 def _remove_checkpoint(config: NCConfig) -> None:
