@@ -8,8 +8,10 @@ For each model (CIFAR-10 BadNets, GTSRB BadNets, GTSRB l0_inv) and each configur
 ``ibau_jax.IBAUConfig()``) and seed, it measures clean accuracy (ACC), attack success rate on
 triggered non-target images (ASR) and robust accuracy (RA) before and after unlearning (and
 after every round), the seconds spent, and writes ``results.json`` / ``results.md`` in
-``--out``.  Finished cells are skipped when the command is run again, so an interrupted run
-resumes where it stopped.
+``--out``.  Finished cells are skipped when the command is run again, and a cell that was
+killed resumes after its last finished round (its I-BAU state and per-round metrics are kept
+in ``--out/partial/`` while it runs), so an interrupted run loses at most one round.  One
+run at a time per ``--out`` (a second one stops with an error).
 
 Data protocol (fixed, independent of the unlearning seed):
 
@@ -29,9 +31,11 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import sys
 import time
 import types
+from typing import Optional
 
 import jax
 import numpy as np
@@ -121,10 +125,23 @@ def _parse_overrides(items: list[str]) -> dict:
   return out
 
 
+def _fields(config: ibau_jax.IBAUConfig) -> dict:
+  """The settings a row records and is compared by (not the callback or the checkpoint
+  folder, which do not change the result)."""
+  return {k: v for k, v in dataclasses.asdict(config).items()
+          if k not in ("callback", "checkpoint_dir") and not callable(v)}
+
+
 def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
              reference_dir: pathlib.Path, clean_size: int, overrides: dict,
-             log=print) -> dict:
-  """Unlearns one reference model with one configuration and seed; returns the result row."""
+             log=print, checkpoint_dir: Optional[pathlib.Path] = None) -> dict:
+  """Unlearns one reference model with one configuration and seed; returns the result row.
+
+  With ``checkpoint_dir``, I-BAU saves its state there after every round
+  (``IBAUConfig.checkpoint_dir``) and the per-round metrics go to ``rounds.json`` beside it,
+  so a killed cell resumes after its last finished round with the same result; the folder
+  is emptied when the cell returns.
+  """
   info = json.loads((reference_dir / "models.json").read_text())[model_name]
   clean_x, clean_y, eval_x, eval_y = _split(info["dataset"], data_dir, clean_size)
   num_classes = 10 if info["dataset"] == "cifar10" else 43
@@ -139,26 +156,43 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
   log(f"[{model_name} {config_name} seed {seed}] before: ACC {before['acc']:.2%} "
       f"ASR {before['asr']:.2%} RA {before['ra']:.2%}")
   rounds = []
+  saved_path = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / "rounds.json"
+  saved = {}
+  if saved_path is not None and saved_path.is_file():
+    saved = {r["round"]: r for r in json.loads(saved_path.read_text())}
 
   def callback(r, stats, v):
+    if v is None:
+      # A round the checkpoint replays: its variables were not kept, its metrics were
+      # (unless the run was killed while evaluating it).
+      m = {k: saved[r][k] for k in ("acc", "asr", "ra") if k in saved.get(r, {})}
+      rounds.append({**stats, **m})
+      log(f"[{model_name} {config_name} seed {seed}] round {r}: restored from "
+          f"{checkpoint_dir}")
+      return
     m = evaluate(v)
     rounds.append({**stats, **m})
+    if saved_path is not None:
+      files.atomic_write(saved_path, json.dumps(rounds))
     log(f"[{model_name} {config_name} seed {seed}] round {r}: ACC {m['acc']:.2%} "
         f"ASR {m['asr']:.2%} RA {m['ra']:.2%} |δ| {stats['delta_norm']:.2f} "
         f"residual {stats['residual_mean']:.3g} ({stats['seconds']:.1f} s)")
 
-  config = _config(config_name, overrides).replace(callback=callback)
+  config = _config(config_name, overrides).replace(
+      callback=callback, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir))
   start = time.perf_counter()
   result = ibau_jax.unlearn(model.apply, variables, clean_x, clean_y, config,
                             key=jax.random.PRNGKey(seed))
   unlearn_seconds = sum(h["seconds"] for h in result.history)
   wall = time.perf_counter() - start
   # The returned variables: the last round's with select="last", not with "probe"/"average".
-  after = rounds[-1] if config.select == "last" else evaluate(result.variables)
+  after = (rounds[-1] if config.select == "last" and "acc" in rounds[-1]
+           else evaluate(result.variables))
+  if saved_path is not None:
+    saved_path.unlink(missing_ok=True)
   return dict(model=model_name, dataset=info["dataset"], attack=info["attack"],
               target=info["target"], config=config_name, seed=seed,
-              config_fields={k: v for k, v in dataclasses.asdict(config).items()
-                             if k != "callback" and not callable(v)},
+              config_fields=_fields(config),
               clean_size=clean_size, eval_size=int(len(eval_y)),
               acc_before=before["acc"], asr_before=before["asr"], ra_before=before["ra"],
               acc_after=after["acc"], asr_after=after["asr"], ra_after=after["ra"],
@@ -177,6 +211,51 @@ def markdown_table(rows: list[dict]) -> str:
                  f"{r['asr_after']:.2%} | {r['ra_after']:.2%} | {r['der']:.3f} | "
                  f"{r['unlearn_seconds']:.0f} |")
   return "\n".join(lines).replace("%", " %")
+
+
+def _run_cells(parser, cells, configs, args, reference_dir, overrides, out) -> list[dict]:
+  """Runs the cells not in ``out/results.json`` yet, rewriting it after each; a cell's
+  rounds are checkpointed in ``out/partial/<cell>`` while it runs.  Returns all rows."""
+  results_path = out / "results.json"
+  rows = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
+
+  def fields(config_name):
+    return json.loads(json.dumps(_fields(
+        _config(config_name, overrides if config_name == "default" else {}))))
+
+  # A row counts as done only if it was made with the same configuration fields (rows of
+  # earlier versions also recorded checkpoint_dir, always None).
+  wanted = {name: fields(name) for name in configs}
+  stale = [r for r in rows if r["config"] in wanted
+           and {k: v for k, v in json.loads(json.dumps(r["config_fields"])).items()
+                if k != "checkpoint_dir"} != wanted[r["config"]]]
+  if stale:
+    parser.error(f"{results_path} holds {len(stale)} row(s) made with a different "
+                 f"configuration (e.g. {stale[0]['model']} {stale[0]['config']} seed "
+                 f"{stale[0]['seed']}); use another --out")
+  done = {(r["model"], r["config"], r["seed"]) for r in rows}
+  for model_name, config_name, seed in cells:
+    if (model_name, config_name, seed) in done:
+      print(f"[{model_name} {config_name} seed {seed}] done already, skipped")
+      continue
+    partial = out / "partial" / f"{model_name}__{config_name}__seed{seed}"
+    row = run_cell(model_name, config_name, seed, data_dir=args.data_dir,
+                   reference_dir=reference_dir, clean_size=args.clean_size,
+                   overrides=overrides if config_name == "default" else {},
+                   log=lambda s: print(s, flush=True), checkpoint_dir=partial)
+    rows.append(row)
+    payload = dict(rows=rows, versions=dict(ibau_jax=ibau_jax.__version__,
+                                            jax=jax.__version__,
+                                            python=sys.version.split()[0]),
+                   device=str(jax.devices()[0]))
+    files.atomic_write(results_path, json.dumps(payload, indent=1))
+    files.atomic_write(out / "results.md", markdown_table(rows) + "\n")
+    shutil.rmtree(partial, ignore_errors=True)
+  try:
+    (out / "partial").rmdir()
+  except OSError:  # absent, or holds another run's cells
+    pass
+  return rows
 
 
 def main(argv=None) -> int:
@@ -219,45 +298,20 @@ def main(argv=None) -> int:
   overrides = _parse_overrides(args.set)
 
   out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  results_path = out / "results.json"
-  rows = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
-  def fields(config_name):
-    config = _config(config_name, overrides if config_name == "default" else {})
-    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(config).items()
-                                  if k != "callback" and not callable(v)}))
-
-  # A row counts as done only if it was made with the same configuration fields.
-  wanted = {name: fields(name) for name in configs}
-  stale = [r for r in rows if r["config"] in wanted
-           and json.loads(json.dumps(r["config_fields"])) != wanted[r["config"]]]
-  if stale:
-    parser.error(f"{results_path} holds {len(stale)} row(s) made with a different "
-                 f"configuration (e.g. {stale[0]['model']} {stale[0]['config']} seed "
-                 f"{stale[0]['seed']}); use another --out")
-  done = {(r["model"], r["config"], r["seed"]) for r in rows}
   cells = [(m, c, s) for s in seeds for m in models for c in configs
            if c == "default" or s in official_seeds]
   cells += [(m, "official", s) for s in official_seeds if s not in seeds for m in models
             if "official" in configs]
-  for model_name, config_name, seed in cells:
-    if (model_name, config_name, seed) in done:
-      print(f"[{model_name} {config_name} seed {seed}] done already, skipped")
-      continue
-    row = run_cell(model_name, config_name, seed, data_dir=args.data_dir,
-                   reference_dir=reference_dir, clean_size=args.clean_size,
-                   overrides=overrides if config_name == "default" else {},
-                   log=lambda s: print(s, flush=True))
-    rows.append(row)
-    payload = dict(rows=rows, versions=dict(ibau_jax=ibau_jax.__version__,
-                                            jax=jax.__version__,
-                                            python=sys.version.split()[0]),
-                   device=str(jax.devices()[0]))
-    files.atomic_write(results_path, json.dumps(payload, indent=1))
-    files.atomic_write(out / "results.md", markdown_table(rows) + "\n")
-  table = markdown_table(rows)
-  print(table)
-  print(f"\nwrote {results_path} and {out / 'results.md'}")
+  try:
+    # One run per output folder: a second would redo the same cells from the same
+    # checkpoints and overwrite the first's results.
+    with files.locked(out, hint="another reproduction is running in it: wait for it, or "
+                      "use another --out"):
+      rows = _run_cells(parser, cells, configs, args, reference_dir, overrides, out)
+  except files.FolderBusy as e:
+    parser.exit(2, f"error: {e}\n")
+  print(markdown_table(rows))
+  print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
   return 0
 
 

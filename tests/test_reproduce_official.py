@@ -48,6 +48,7 @@ def test_reproduce_runs_writes_results_and_resumes(fake_dirs, tmp_path, capsys):
   for k in ("acc_before", "asr_before", "acc_after", "asr_after", "der"):
     assert 0.0 <= row[k] <= 1.0
   assert "| badnets_8_02 | official | 0 |" in (out / "results.md").read_text()
+  assert not (out / "partial").exists()  # the cell's checkpoint folder is gone
   # A second run finds the cell done and does no work.
   assert reproduce_official.main(argv) == 0
   assert "done already, skipped" in capsys.readouterr().out
@@ -135,3 +136,41 @@ def test_reproduce_reports_the_returned_variables_with_select_average(fake_dirs,
   assert [float(row[k + "_after"]) for k in ("acc", "asr", "ra")] == \
       [float(expected[k]) for k in ("acc", "asr", "ra")]
   assert len(row["rounds"]) == 2
+
+
+def test_a_killed_cell_resumes_after_its_last_round_with_the_same_result(fake_dirs, tmp_path):
+  from _interrupt import Interrupted
+  data, ref = fake_dirs
+  overrides = dict(rounds=2, batch_size=50, inner_candidates=())
+  cell = lambda **kw: reproduce_official.run_cell(
+      "badnets_8_02", "default", 0, data_dir=str(data), reference_dir=ref, clean_size=100,
+      overrides=overrides, **kw)
+  whole = cell()
+
+  def stop_after_round_0(message):
+    if "round 0:" in message:
+      raise Interrupted  # as a kill right after round 0 was saved and evaluated
+  partial = tmp_path / "partial"
+  with pytest.raises(Interrupted):
+    cell(checkpoint_dir=partial, log=stop_after_round_0)
+  assert (partial / "rounds.json").is_file() and (partial / "ibau.npz").is_file()
+  seen = []
+  resumed = cell(checkpoint_dir=partial, log=seen.append)
+  assert any("round 0: restored" in m for m in seen) and not any("round 1: restored" in m
+                                                                 for m in seen)
+  assert not list(partial.iterdir())
+  strip = lambda row: [{k: v for k, v in r.items() if "seconds" not in k} for r in row["rounds"]]
+  assert strip(resumed) == strip(whole)
+  for k in ("acc_after", "asr_after", "ra_after", "der", "config_fields"):
+    assert resumed[k] == whole[k], k
+  assert "checkpoint_dir" not in whole["config_fields"]
+  # A second reproduction in a busy output folder stops at once.
+  from ibau_jax import files
+  out = tmp_path / "out"
+  argv = ["--data-dir", str(data), "--reference-dir", str(ref), "--models", "badnets_8_02",
+          "--configs", "official", "--clean-size", "100", "--out", str(out)]
+  with files.locked(out):
+    with pytest.raises(SystemExit) as e:
+      reproduce_official.main(argv)
+  assert e.value.code == 2
+  assert not (out / "results.json").exists()
