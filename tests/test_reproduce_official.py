@@ -117,7 +117,8 @@ def test_comparison_adds_rows_for_the_released_models(fake_dirs, tmp_path, capsy
                           ["--attacks", ""])  # neither attacks nor --official
 
 
-def test_reproduce_reports_the_returned_variables_with_select_average(fake_dirs, tmp_path):
+def test_reproduce_reports_the_returned_variables_with_select_average_and_resumes(
+    fake_dirs, tmp_path):
   # With select="average" unlearn returns the mean of the rounds' variables, not the last
   # round's: the row's numbers after must be those of the returned variables.
   import ibau_jax
@@ -137,35 +138,35 @@ def test_reproduce_reports_the_returned_variables_with_select_average(fake_dirs,
       [float(expected[k]) for k in ("acc", "asr", "ra")]
   assert len(row["rounds"]) == 2
 
-
-def test_a_killed_cell_resumes_after_its_last_round_with_the_same_result(fake_dirs, tmp_path):
+  # Killed after round 0 (saved and evaluated), the cell resumes with round 1 and ends with
+  # the same numbers (the average too: its running sum is part of the checkpoint).
   from _interrupt import Interrupted
-  data, ref = fake_dirs
-  overrides = dict(rounds=2, batch_size=50, inner_candidates=())
-  cell = lambda **kw: reproduce_official.run_cell(
-      "badnets_8_02", "default", 0, data_dir=str(data), reference_dir=ref, clean_size=100,
-      overrides=overrides, **kw)
-  whole = cell()
 
   def stop_after_round_0(message):
     if "round 0:" in message:
-      raise Interrupted  # as a kill right after round 0 was saved and evaluated
+      raise Interrupted
   partial = tmp_path / "partial"
+  cell = lambda **kw: reproduce_official.run_cell(
+      "badnets_8_02", "default", 0, data_dir=str(data), reference_dir=ref, clean_size=100,
+      overrides=overrides, **kw)
   with pytest.raises(Interrupted):
     cell(checkpoint_dir=partial, log=stop_after_round_0)
   assert (partial / "rounds.json").is_file() and (partial / "ibau.npz").is_file()
   seen = []
   resumed = cell(checkpoint_dir=partial, log=seen.append)
-  assert any("round 0: restored" in m for m in seen) and not any("round 1: restored" in m
-                                                                 for m in seen)
+  assert any("round 0: restored" in m for m in seen)
+  assert not any("round 1: restored" in m for m in seen)
   assert not list(partial.iterdir())
-  strip = lambda row: [{k: v for k, v in r.items() if "seconds" not in k} for r in row["rounds"]]
-  assert strip(resumed) == strip(whole)
+  strip = lambda r: [{k: v for k, v in x.items() if "seconds" not in k} for x in r["rounds"]]
+  assert strip(resumed) == strip(row)
   for k in ("acc_after", "asr_after", "ra_after", "der", "config_fields"):
-    assert resumed[k] == whole[k], k
-  assert "checkpoint_dir" not in whole["config_fields"]
-  # A second reproduction in a busy output folder stops at once.
+    assert resumed[k] == row[k], k
+  assert "checkpoint_dir" not in row["config_fields"]
+
+
+def test_a_second_reproduction_in_a_busy_output_folder_stops_at_once(fake_dirs, tmp_path):
   from ibau_jax import files
+  data, ref = fake_dirs
   out = tmp_path / "out"
   argv = ["--data-dir", str(data), "--reference-dir", str(ref), "--models", "badnets_8_02",
           "--configs", "official", "--clean-size", "100", "--out", str(out)]
@@ -174,3 +175,4 @@ def test_a_killed_cell_resumes_after_its_last_round_with_the_same_result(fake_di
       reproduce_official.main(argv)
   assert e.value.code == 2
   assert not (out / "results.json").exists()
+
