@@ -176,7 +176,9 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
       files.atomic_write(saved_path, json.dumps(rounds))
     log(f"[{model_name} {config_name} seed {seed}] round {r}: ACC {m['acc']:.2%} "
         f"ASR {m['asr']:.2%} RA {m['ra']:.2%} |δ| {stats['delta_norm']:.2f} "
-        f"residual {stats['residual_mean']:.3g} ({stats['seconds']:.1f} s)")
+        f"residual {stats['residual_mean']:.3g} δ from solver {stats['inner_choice']} "
+        f"(locality {', '.join(f'{v:.2f}' for v in stats['candidate_locality'])}) "
+        f"({stats['seconds']:.1f} s)")
 
   config = _config(config_name, overrides).replace(
       callback=callback, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir))

@@ -95,7 +95,15 @@ class IBAUConfig:
       δ (after projection) with the best inner objective over the whole clean set,
       ``max_δ (1/n) Σ_i CE(f_θ(x_i + δ), ŷ_i) − λ‖δ‖²`` (ŷ as in the inner pass): restarts
       of the inner maximisation, keeping the strongest.  The index of the chosen solver
-      (0: the main one) is ``inner_choice`` in the history.
+      (0: the main one) is ``inner_choice`` in the history; every candidate's score and
+      locality (:func:`locality`) are ``candidate_scores`` and ``candidate_locality``.
+    inner_use: ``"best"``: the outer steps unlearn the kept δ only (above); ``"all"``: they
+      unlearn every candidate's δ, each outer step taking the mean of the hypergradients
+      of ``L_out(θ, δ_k*(θ))`` over the candidates k (each with its own perturbed images
+      and implicit term; the minimax over several local maxima of the inner problem).  The
+      history's ``inner_choice``, ``delta_norm`` and the returned ``perturbation`` still
+      describe the strongest one.  An outer step costs one hypergradient per
+      candidate.
     inner_refine: None, or a solver ``(inner_optimizer, inner_lr, inner_projection)`` that
       continues from the main solver's projected δ for ``inner_epochs`` more passes (a fresh
       optimizer state); its projected result replaces the main solver's δ (candidate 0).
@@ -177,6 +185,7 @@ class IBAUConfig:
   inner_projection: str = "end"
   inner_candidates: tuple[tuple[str, float, str], ...] = (("normalized", 2.0, "step"),)
   inner_refine: Optional[tuple[str, float, str]] = None
+  inner_use: str = "best"
   clamp: bool = False
   perturbed_fraction: float = 0.01
   hypergrad_batch: str = "first"
@@ -253,6 +262,8 @@ class IBAUConfig:
       raise ValueError("IBAUConfig.inner_refine must be None or an (optimizer, lr, projection) "
                        "tuple with optimizer in ('sgd', 'adam', 'normalized'), lr > 0 and "
                        f"projection in ('end', 'step'); got {self.inner_refine!r}")
+    if self.inner_use not in ("best", "all"):
+      raise ValueError(f"IBAUConfig.inner_use must be 'best' or 'all', got {self.inner_use!r}")
     if self.inner_projection not in ("end", "step"):
       raise ValueError(f"IBAUConfig.inner_projection must be 'end' or 'step', "
                        f"got {self.inner_projection!r}")
@@ -306,7 +317,10 @@ class UnlearnResult:
       ``outer_loss`` (mean over outer steps), ``delta_norm`` (‖δ‖₂ after projection),
       ``residual_mean`` / ``residual_max`` (hypergradient solver's relative residual),
       ``inner_choice`` (which inner solver's δ was kept, see ``inner_candidates``),
-      ``seconds`` (wall time, the first round including compilation) and, with
+      ``candidate_scores`` (each inner solver's objective; empty without
+      ``inner_candidates``), ``candidate_locality`` (each inner solver's δ
+      :func:`locality`), ``seconds`` (wall time, the first round including compilation) and,
+      with
       ``select="probe"``, ``probe`` (the suspect's targeted success share) and
       ``probe_seconds``.  Rounds restored from a checkpoint (``checkpoint_dir``) also have
       ``seconds_before``, equal to their ``seconds`` in the interrupted call.
@@ -468,12 +482,23 @@ def _outer_step(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
   parameters stay as they were.  Returns ``(params, opt_state, finite, L_out, residual)``."""
   bsz = x.shape[0]
   num_perturbed = max(1, int(round(config.perturbed_fraction * bsz)))
-  choice = jax.random.choice(mask_key, bsz, (num_perturbed,), replace=False)
-  mask = jnp.zeros((bsz,), x.dtype).at[choice].set(1.0)
   if config.hypergrad_batch == "current":
     x_inner, y_inner = x, y
-  loss, grads, residual = hypergradient(config, _logits_fn(apply_fn, rest), params, delta, x,
-                                        y, mask, x_inner, y_inner)
+
+  def one(d, key):
+    choice = jax.random.choice(key, bsz, (num_perturbed,), replace=False)
+    mask = jnp.zeros((bsz,), x.dtype).at[choice].set(1.0)
+    return hypergradient(config, _logits_fn(apply_fn, rest), params, d, x, y, mask, x_inner,
+                         y_inner)
+
+  if delta.ndim == x.ndim:
+    # inner_use="all": one δ per candidate (stacked); the mean of their hypergradients.
+    outs = [one(delta[k], jax.random.fold_in(mask_key, k)) for k in range(delta.shape[0])]
+    loss = sum(o[0] for o in outs) / len(outs)
+    grads = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *[o[1] for o in outs])
+    residual = jnp.max(jnp.stack([o[2] for o in outs]))
+  else:
+    loss, grads, residual = one(delta, mask_key)
   finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g))
                                 for g in jax.tree_util.tree_leaves(grads)]))
   updates, new_state = _make_optimizer(config.outer_optimizer, config.outer_lr).update(
@@ -512,19 +537,41 @@ def _inner_objective(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, rest
   return -_inner_loss(config, logits_fn, delta, params, x, y)
 
 
+LOCALITY_SHARE = 0.02
+
+
+def locality(delta: jax.Array) -> jax.Array:
+  """Share of ``‖δ‖²`` on the ⌈2 %⌉ of pixel locations where δ is largest.
+
+  δ has shape ``(H, W, C)``; a location's energy is ``Σ_c δ_{p,c}²``.  1 for a δ on at most
+  that many pixels, ``0.02`` for one spread evenly over the image (0 for δ = 0).
+  """
+  energy = jnp.sum(jnp.square(delta).reshape(-1, delta.shape[-1]), axis=-1)
+  k = max(1, int(np.ceil(LOCALITY_SHARE * energy.shape[0])))
+  top = jax.lax.top_k(energy, k)[0]
+  total = jnp.sum(energy)
+  return jnp.where(total > 0, jnp.sum(top) / jnp.where(total > 0, total, 1.0), 0.0)
+
+
 def _select(deltas: jax.Array, scores: jax.Array):
+  """The strongest δ, its index, the scores and every δ's locality (for the history)."""
   choice = jnp.argmax(scores)
-  return deltas[choice], choice
+  return deltas[choice], choice, scores, jax.vmap(locality)(deltas)
 
 
-def _round_stats(delta, inner_losses, outer_losses, residuals, finite, choice=0):
+def _round_stats(delta, inner_losses, outer_losses, residuals, finite, choice=0,
+                 scores=None, local=None):
   finite = jnp.asarray(finite)
+  if scores is None:
+    scores, local = jnp.zeros((0,)), locality(delta)[None]
   first_bad = jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
   return dict(inner_loss=jnp.mean(inner_losses), outer_loss=jnp.mean(outer_losses),
               inner_choice=jnp.asarray(choice, jnp.int32),
               delta_norm=jnp.sqrt(jnp.sum(delta * delta)),
               residual_mean=jnp.mean(residuals), residual_max=jnp.max(residuals),
-              finite=jnp.all(finite), bad_step=first_bad)
+              finite=jnp.all(finite), bad_step=first_bad,
+              candidate_scores=jnp.asarray(scores, jnp.float32),
+              candidate_locality=jnp.asarray(local, jnp.float32))
 
 
 def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state: PyTree,
@@ -560,15 +607,17 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
           lambda batch, d=delta: _inner_objective(config, apply_fn, params, rest, d, *batch),
           (xb, yb)).sum())
   inner_losses = all_losses[0]
-  choice = 0
+  choice, kept_scores, local = 0, None, None
   if config.inner_candidates:
-    delta, choice = _select(jnp.stack(deltas), jnp.stack(scores))
+    delta, choice, kept_scores, local = _select(jnp.stack(deltas), jnp.stack(scores))
+
+  outer_delta = jnp.stack(deltas) if config.inner_use == "all" and len(deltas) > 1 else delta
 
   def outer(carry, inputs):
     p, state, ok = carry
     index, x, y = inputs
     p, state, finite, loss, residual = _outer_step(
-        config, apply_fn, p, state, rest, delta, x, y, xb[0], yb[0],
+        config, apply_fn, p, state, rest, outer_delta, x, y, xb[0], yb[0],
         jax.random.fold_in(k_mask, index), ok, round_index)
     return (p, state, ok & finite), (loss, residual, finite)
 
@@ -576,7 +625,7 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
       outer, (params, opt_state, jnp.asarray(True)),
       (jnp.arange(xb.shape[0], dtype=jnp.int32), xb, yb))
   return params, opt_state, delta, _round_stats(delta, inner_losses, outer_losses, residuals,
-                                                finite, choice)
+                                                finite, choice, kept_scores, local)
 
 
 _round_scan_jit = jax.jit(_round_scan, static_argnums=(0, 1, 8))
@@ -636,21 +685,22 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
       scores.append(sum(sync(_inner_objective_jit(config, apply_fn, params, rest, delta, x, y))
                         for x, y in batches))
   inner_losses = all_losses[0]
-  choice = 0
+  choice, kept_scores, local = 0, None, None
   if config.inner_candidates:
-    delta, choice = _select_jit(jnp.stack(deltas), jnp.stack(scores))
+    delta, choice, kept_scores, local = _select_jit(jnp.stack(deltas), jnp.stack(scores))
   ok = jnp.asarray(True)
+  outer_delta = jnp.stack(deltas) if config.inner_use == "all" and len(deltas) > 1 else delta
   outer_losses, residuals, finites = [], [], []
   for b, (x, y) in enumerate(batches):
     params, opt_state, finite, loss, residual = sync(_outer_step_jit(
-        config, apply_fn, params, opt_state, rest, delta, x, y, *batches[0],
+        config, apply_fn, params, opt_state, rest, outer_delta, x, y, *batches[0],
         jax.random.fold_in(k_mask, b), ok, round_index))
     ok = ok & finite
     outer_losses.append(loss)
     residuals.append(residual)
     finites.append(finite)
   stats = _round_stats_jit(delta, jnp.stack(inner_losses), jnp.stack(outer_losses),
-                           jnp.stack(residuals), jnp.stack(finites), choice)
+                           jnp.stack(residuals), jnp.stack(finites), choice, kept_scores, local)
   return params, opt_state, delta, stats
 
 
@@ -832,7 +882,10 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
                  outer_loss=float(stats["outer_loss"]), delta_norm=float(stats["delta_norm"]),
                  residual_mean=float(stats["residual_mean"]),
                  residual_max=float(stats["residual_max"]),
-                 inner_choice=int(stats["inner_choice"]), seconds=seconds)
+                 inner_choice=int(stats["inner_choice"]),
+                 candidate_scores=[float(v) for v in stats["candidate_scores"]],
+                 candidate_locality=[float(v) for v in stats["candidate_locality"]],
+                 seconds=seconds)
     if suspect is not None:
       start = time.perf_counter()
       entry["probe"] = probe.targeted_success(apply_fn, {"params": params, **rest}, probe_x,

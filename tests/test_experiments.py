@@ -64,7 +64,7 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
   assert time.perf_counter() - start < 20
 
 
-_SWEEP = TINY + ["--attack", "badnets,blend", "--seeds", "0,1"]
+_SWEEP = TINY + ["--attack", "badnets", "--seeds", "0,1"]
 
 
 def _sweep(workdir: pathlib.Path) -> subprocess.Popen:
@@ -89,13 +89,13 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path):
   os.killpg(victim.pid, signal.SIGKILL)
   victim.wait()
   finished = len(list((killed / "cells").glob("*.json")))
-  assert 1 <= finished < 4
+  assert finished == 1
   assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
   resumed = _sweep(killed)
   assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
   a = json.loads((full / "results.json").read_text())
   b = json.loads((killed / "results.json").read_text())
-  assert len(a["cells"]) == len(b["cells"]) == 4
+  assert len(a["cells"]) == len(b["cells"]) == 2
   assert [_strip_times(c) for c in a["cells"]] == [_strip_times(c) for c in b["cells"]]
   assert not list(killed.rglob(".*.tmp*")) and not list(killed.rglob(".*json.*"))
 

@@ -208,7 +208,10 @@ def test_unlearn_returns_same_structure_and_passes_other_collections_through():
   assert [h["round"] for h in result.history] == [0, 1]
   for h in result.history:
     assert set(h) == {"round", "inner_loss", "outer_loss", "delta_norm", "residual_mean",
-                      "residual_max", "inner_choice", "seconds"}
+                      "residual_max", "inner_choice", "candidate_scores",
+                      "candidate_locality", "seconds"}
+    assert len(h["candidate_scores"]) == len(h["candidate_locality"]) == 2  # default: 2 solvers
+    assert all(0 < v <= 1 for v in h["candidate_locality"])
     assert 0 < h["delta_norm"] <= SMALL.norm_bound + 1e-4
     assert np.isfinite(h["outer_loss"]) and h["seconds"] > 0
   assert result.perturbation.shape == (H, W, 3)
@@ -359,7 +362,7 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("inner_candidates", (("lbfgs", 1.0, "end"),)), ("inner_candidates", (("sgd", -1.0, "end"),)),
     ("outer_lr_decay", 0.0), ("outer_lr_decay", 1.5),
     ("inner_refine", ("lbfgs", 1.0, "end")), ("inner_refine", ("sgd", 0.0, "step")),
-    ("inner_refine", ("sgd", 1.0)),
+    ("inner_refine", ("sgd", 1.0)), ("inner_use", "mean"),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
@@ -491,8 +494,12 @@ def test_inner_candidates_keep_the_delta_with_the_best_inner_objective():
                                inner_candidates=extra)
 
   key = jax.random.PRNGKey(4)
-  alone = [ibau_jax.unlearn(apply_fn, variables, x, y, config(c), key=key).perturbation
-           for c in (a, b)]
+  single = [ibau_jax.unlearn(apply_fn, variables, x, y, config(c), key=key) for c in (a, b)]
+  alone = [r.perturbation for r in single]
+  for r in single:  # one solver: no scores, its δ's locality
+    assert r.history[0]["candidate_scores"] == []
+    assert r.history[0]["candidate_locality"] == pytest.approx(
+        [float(ibau.locality(r.perturbation))], rel=1e-6)
   assert float(jnp.abs(alone[0] - alone[1]).max()) > 1e-2  # the two solvers disagree
   # The inner objective of each on the round's batches (the same shuffle as unlearn's).
   k_perm, _ = jax.random.split(jax.random.fold_in(key, 0))
@@ -507,6 +514,23 @@ def test_inner_candidates_keep_the_delta_with_the_best_inner_objective():
                            key=key)
       np.testing.assert_allclose(r.perturbation, alone[best], rtol=1e-5, atol=1e-6)
       assert r.history[0]["inner_choice"] == want
+      order = [0, 1] if main is a else [1, 0]
+      np.testing.assert_allclose(r.history[0]["candidate_scores"],
+                                 [scores[i] for i in order], rtol=1e-4)
+      np.testing.assert_allclose(r.history[0]["candidate_locality"],
+                                 [float(ibau.locality(alone[i])) for i in order], rtol=1e-5)
+
+
+def test_locality_is_the_energy_share_of_the_top_two_percent_of_locations():
+  d = jnp.zeros((10, 10, 3))
+  assert float(ibau.locality(d)) == 0.0
+  assert float(ibau.locality(d.at[3, 4, 1].set(-2.0))) == pytest.approx(1.0)
+  # Spread evenly: the top ⌈0.02 · 100⌉ = 2 locations hold 2 % of the energy.
+  assert float(ibau.locality(jnp.ones((10, 10, 3)))) == pytest.approx(0.02)
+  # Channels are summed per location: energies 9 (3 channels of 1, 2, 2) and 1 of 10 others.
+  d = jnp.zeros((10, 10, 3)).at[0, 0].set(jnp.array([1.0, 2.0, 2.0]))
+  d = d.at[5, 5:, 0].set(1.0).at[6, 5:, 0].set(1.0)
+  assert float(ibau.locality(d)) == pytest.approx(10 / 19)
 
 
 @pytest.mark.parametrize("loop", ["python", "scan"])
@@ -533,6 +557,55 @@ def test_outer_lr_decay_scales_round_r_updates_by_gamma_to_the_r(loop):
   jax.tree_util.tree_map(
       lambda a, b, c: np.testing.assert_allclose(b - c, 0.25 * (a - c), rtol=1e-4, atol=1e-7),
       one, quarter, p)
+
+
+def test_inner_use_all_takes_the_mean_hypergradient_over_the_candidates():
+  # With plain SGD an outer step on stacked δs is the mean of the single-δ steps, each with
+  # its own perturbed images (mask key folded with the candidate's index).
+  variables = _variables()
+  x, y = _data(16)
+  config = ibau_jax.IBAUConfig(rounds=1, batch_size=8, outer_optimizer="sgd", outer_lr=0.1,
+                               perturbed_fraction=0.25)
+  p, rest = variables["params"], {"batch_stats": variables["batch_stats"]}
+  opt = optax.sgd(0.1).init(p)
+  xb, yb = ibau._batches(config, jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0))
+  deltas = jnp.stack([jnp.full((H, W, 3), 0.05), jnp.zeros((H, W, 3)).at[:2, :2].set(0.8)])
+  key = jax.random.PRNGKey(1)
+  rest_args = (xb[0], yb[0], xb[1], yb[1])
+  both, _, finite, loss, _ = ibau._outer_step(config, apply_fn, p, opt, rest, deltas, *rest_args,
+                                              key, jnp.asarray(True))
+  singles = [ibau._outer_step(config, apply_fn, p, opt, rest, deltas[k], *rest_args,
+                              jax.random.fold_in(key, k), jnp.asarray(True)) for k in range(2)]
+  assert bool(finite)
+  assert float(loss) == pytest.approx((float(singles[0][3]) + float(singles[1][3])) / 2,
+                                      rel=1e-5)
+  jax.tree_util.tree_map(
+      lambda b, s0, s1: np.testing.assert_allclose(b, (s0 + s1) / 2, rtol=1e-5, atol=1e-7),
+      both, singles[0][0], singles[1][0])
+  # The two δs pull differently (else the mean would prove nothing).
+  diff = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), singles[0][0],
+                                singles[1][0])
+  assert max(jax.tree_util.tree_leaves(diff)) > 1e-4
+
+
+def test_inner_use_all_agrees_between_loops_and_differs_from_best():
+  variables = _variables()
+  x, y = _data(24)
+  config = ibau_jax.IBAUConfig(rounds=2, batch_size=8, norm_bound=1.0, inner_use="all",
+                               inner_candidates=(("normalized", 0.3, "step"),))
+  key = jax.random.PRNGKey(4)
+  runs = {loop: ibau_jax.unlearn(apply_fn, variables, x, y, config.replace(loop=loop), key=key)
+          for loop in ("python", "scan")}
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         runs["python"].variables, runs["scan"].variables)
+  best = ibau_jax.unlearn(apply_fn, variables, x, y, config.replace(inner_use="best"), key=key)
+  diff = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                                best.variables["params"], runs["scan"].variables["params"])
+  assert max(jax.tree_util.tree_leaves(diff)) > 1e-4
+  # Round 0's δ and choice do not depend on how the outer steps use them.
+  assert runs["scan"].history[0]["inner_choice"] == best.history[0]["inner_choice"]
+  assert runs["scan"].history[0]["delta_norm"] == pytest.approx(best.history[0]["delta_norm"],
+                                                                rel=1e-5)
 
 
 def test_inner_refine_continues_from_the_main_solvers_delta():
