@@ -543,6 +543,9 @@ def _bar(total: int, desc: str, progress: bool):
   return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
+ROUNDS_FILE = "rounds.json"
+
+
 def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
                 evaluate: Callable[[Any], dict], *, eval_every: int = 1, desc: str = "",
                 progress: bool = False,
@@ -556,7 +559,10 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   with the seconds of interrupted earlier runs that a checkpoint resumed) and its
   recovered perturbation (None if it has none).  ``checkpoint_dir`` goes to the defenses
   that can save and resume their work (a ``checkpoint_dir`` config field: I-BAU, Neural
-  Cleanse, TABOR, ANP and DeepInspect); the others ignore it.
+  Cleanse, TABOR, ANP and DeepInspect); the others ignore it.  The per-round records are
+  saved there too (``rounds.json``), so that the rounds a resumed run replays keep the
+  metrics measured before the interruption (not for a round interrupted while it was being
+  evaluated); the file is removed when the defense finishes.
   """
   from ibau_jax import defenses
   fn, _ = defenses.get_defense(defense)
@@ -577,17 +583,23 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
         inner.pop("bar").close()
 
     dconfig = dconfig.replace(progress=show)
-  rounds, eval_seconds = [], [0.0]
+  eval_seconds = [0.0]
+  # The per-round records are kept next to the defense's checkpoint, so that rounds a
+  # resumed run replays (v is None: their variables were not kept) get back the metrics
+  # measured before the interruption.
+  records = files.RoundRecords(
+      None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / ROUNDS_FILE, "step")
 
   def callback(r, stats, v):
     t = time.perf_counter()
     record = {"step": r, **_jsonable(stats)}
-    # (v is None for rounds a checkpoint replays: their variables were not kept.)
-    if eval_every and (len(rounds) + 1) % eval_every == 0 and v is not None:
+    if v is None:
+      record.update(records.restored(r, ("acc", "asr", "ra")))
+    elif eval_every and (len(records.records) + 1) % eval_every == 0:
       m = evaluate(v)
       record.update(m)
       bar.set_postfix(acc=f"{m['acc']:.3f}", asr=f"{m['asr']:.3f}")
-    rounds.append(record)
+    records.append(record)
     bar.update(1)
     eval_seconds[0] += time.perf_counter() - t
 
@@ -595,12 +607,14 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   result = fn(apply_fn, variables, images, labels, dconfig.replace(callback=callback), key=key)
   # The defense's own time: the evaluations the callback runs are not part of it.
   seconds = time.perf_counter() - start - eval_seconds[0]
+  rounds = records.records
   seconds += sum(r.get("seconds_before", 0.0) for r in rounds)
   bar.close()
   delta = getattr(result, "perturbation", None)
   # What the defense returns, which need not be its last round's variables (I-BAU's
   # select="probe" / "average"; Neural Cleanse returns the input when it flags nothing).
   after = evaluate(result.variables)
+  records.remove()
   return after, rounds, seconds, (None if delta is None else np.asarray(delta))
 
 

@@ -155,25 +155,19 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
   before = evaluate(variables)
   log(f"[{model_name} {config_name} seed {seed}] before: ACC {before['acc']:.2%} "
       f"ASR {before['asr']:.2%} RA {before['ra']:.2%}")
-  rounds = []
-  saved_path = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / "rounds.json"
-  saved = {}
-  if saved_path is not None and saved_path.is_file():
-    saved = {r["round"]: r for r in json.loads(saved_path.read_text())}
+  records = files.RoundRecords(
+      None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / "rounds.json", "round")
 
   def callback(r, stats, v):
     if v is None:
       # A round the checkpoint replays: its variables were not kept, its metrics were
       # (unless the run was killed while evaluating it).
-      m = {k: saved[r][k] for k in ("acc", "asr", "ra") if k in saved.get(r, {})}
-      rounds.append({**stats, **m})
+      records.append({**stats, **records.restored(r, ("acc", "asr", "ra"))})
       log(f"[{model_name} {config_name} seed {seed}] round {r}: restored from "
           f"{checkpoint_dir}")
       return
     m = evaluate(v)
-    rounds.append({**stats, **m})
-    if saved_path is not None:
-      files.atomic_write(saved_path, json.dumps(rounds))
+    records.append({**stats, **m})
     log(f"[{model_name} {config_name} seed {seed}] round {r}: ACC {m['acc']:.2%} "
         f"ASR {m['asr']:.2%} RA {m['ra']:.2%} |δ| {stats['delta_norm']:.2f} "
         f"residual {stats['residual_mean']:.3g} δ from solver {stats['inner_choice']} "
@@ -188,10 +182,10 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
   unlearn_seconds = sum(h["seconds"] for h in result.history)
   wall = time.perf_counter() - start
   # The returned variables: the last round's with select="last", not with "probe"/"average".
+  rounds = records.records
   after = (rounds[-1] if config.select == "last" and "acc" in rounds[-1]
            else evaluate(result.variables))
-  if saved_path is not None:
-    saved_path.unlink(missing_ok=True)
+  records.remove()
   return dict(model=model_name, dataset=info["dataset"], attack=info["attack"],
               target=info["target"], config=config_name, seed=seed,
               config_fields=_fields(config),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import pathlib
 import socket
@@ -42,6 +43,38 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+class RoundRecords:
+  """Per-round records (JSON dicts) kept in a file next to a resumable run's checkpoint.
+
+  A run appends a record after each round (:meth:`append` rewrites the file with
+  :func:`atomic_write`); when it is killed and resumed, the rounds its checkpoint replays
+  get back what was recorded for them (:meth:`restored`), e.g. metrics measured on
+  variables the checkpoint did not keep.  ``path`` None: nothing is saved or restored.
+  """
+
+  def __init__(self, path: Optional[str | os.PathLike], key: str):
+    self.path = None if path is None else pathlib.Path(path)
+    self.key = key
+    self.records: list[dict] = []
+    self._saved = ({r[key]: r for r in json.loads(self.path.read_text())}
+                   if self.path is not None and self.path.is_file() else {})
+
+  def restored(self, step, fields) -> dict:
+    """The ``fields`` saved for ``step`` by the interrupted run (those it had)."""
+    saved = self._saved.get(step, {})
+    return {k: saved[k] for k in fields if k in saved}
+
+  def append(self, record: dict) -> None:
+    self.records.append(record)
+    if self.path is not None:
+      atomic_write(self.path, json.dumps(self.records))
+
+  def remove(self) -> None:
+    """Deletes the file (the run finished)."""
+    if self.path is not None:
+      self.path.unlink(missing_ok=True)
 
 
 def remove_temporaries(folder: str | os.PathLike, recursive: bool = False) -> int:

@@ -613,6 +613,49 @@ def test_an_interrupted_neural_cleanse_cell_resumes_and_counts_its_earlier_secon
           {**smoke, "defense_settings": {"nc": {field: None}}}).defense_config("nc")
 
 
+def test_an_interrupted_ibau_cell_keeps_the_metrics_of_the_rounds_it_replays(tmp_path):
+  import flax.linen as nn
+  import jax
+  import ibau_jax
+  from _interrupt import Interrupted
+
+  model = nn.Dense(4)
+  variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 48), np.float32))
+  apply_fn = lambda v, x: model.apply(v, x.reshape((x.shape[0], -1)))
+  rng = np.random.RandomState(0)
+  x, y = rng.rand(32, 4, 4, 3).astype(np.float32), np.arange(32) % 4
+  config = ibau_jax.IBAUConfig(rounds=3, batch_size=16)
+  calls = []
+
+  def evaluate(v, stop=None):
+    calls.append(1)
+    if len(calls) == stop:
+      raise Interrupted
+    w = np.asarray(v["params"]["kernel"])
+    return {"acc": float(w.sum()), "asr": float(np.abs(w).max()), "ra": float(w[0, 0])}
+
+  def run(stop=None, folder=None):
+    calls.clear()
+    return pipeline.run_defense("ibau", config, apply_fn, variables, x, y,
+                                jax.random.PRNGKey(1), lambda v: evaluate(v, stop),
+                                checkpoint_dir=folder)
+
+  after, reference, _, _ = run()
+  partial = tmp_path / "partial"
+  # Killed while evaluating round 1: rounds 0 and 1 are checkpointed, round 0 was evaluated.
+  with pytest.raises(Interrupted):
+    run(stop=2, folder=partial)
+  assert (partial / pipeline.ROUNDS_FILE).is_file()
+  resumed_after, rounds, _, _ = run(folder=partial)
+  assert resumed_after == after
+  metrics = ("acc", "asr", "ra")
+  assert {k: rounds[0][k] for k in metrics} == {k: reference[0][k] for k in metrics}
+  assert not any(k in rounds[1] for k in metrics)  # its evaluation was interrupted
+  assert {k: rounds[2][k] for k in metrics} == {k: reference[2][k] for k in metrics}
+  assert [r["seconds_before"] > 0 for r in rounds[:2]] == [True, True]
+  assert not (partial / pipeline.ROUNDS_FILE).exists()
+
+
 def test_cpu_preset_shortens_the_slow_defenses_and_the_command_line_restores_them():
   config = pipeline.preset("cpu", "cifar10")
   assert set(config.defense_settings) == set(pipeline.CPU_DEFENSE_SETTINGS)
