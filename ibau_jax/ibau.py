@@ -319,9 +319,8 @@ class UnlearnResult:
       ``inner_choice`` (which inner solver's δ was kept, see ``inner_candidates``),
       ``candidate_scores`` (each inner solver's objective; empty without
       ``inner_candidates``), ``candidate_locality`` (each inner solver's δ
-      :func:`locality`), ``seconds`` (wall time, the first round including compilation) and,
-      with
-      ``select="probe"``, ``probe`` (the suspect's targeted success share) and
+      :func:`locality`), ``seconds`` (wall time, the first round including compilation)
+      and, with ``select="probe"``, ``probe`` (the suspect's targeted success share) and
       ``probe_seconds``.  Rounds restored from a checkpoint (``checkpoint_dir``) also have
       ``seconds_before``, equal to their ``seconds`` in the interrupted call.
     perturbation: the last round's δ, shape ``(H, W, C)``.
@@ -554,9 +553,9 @@ def locality(delta: jax.Array) -> jax.Array:
 
 
 def _select(deltas: jax.Array, scores: jax.Array):
-  """The strongest δ, its index, the scores and every δ's locality (for the history)."""
+  """The strongest δ, its index and every δ's locality (for the history)."""
   choice = jnp.argmax(scores)
-  return deltas[choice], choice, scores, jax.vmap(locality)(deltas)
+  return deltas[choice], choice, jax.vmap(locality)(deltas)
 
 
 def _round_stats(delta, inner_losses, outer_losses, residuals, finite, choice=0,
@@ -607,9 +606,9 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
           lambda batch, d=delta: _inner_objective(config, apply_fn, params, rest, d, *batch),
           (xb, yb)).sum())
   inner_losses = all_losses[0]
-  choice, kept_scores, local = 0, None, None
+  choice, scores, local = 0, jnp.stack(scores) if scores else None, None
   if config.inner_candidates:
-    delta, choice, kept_scores, local = _select(jnp.stack(deltas), jnp.stack(scores))
+    delta, choice, local = _select(jnp.stack(deltas), scores)
 
   outer_delta = jnp.stack(deltas) if config.inner_use == "all" and len(deltas) > 1 else delta
 
@@ -625,7 +624,7 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
       outer, (params, opt_state, jnp.asarray(True)),
       (jnp.arange(xb.shape[0], dtype=jnp.int32), xb, yb))
   return params, opt_state, delta, _round_stats(delta, inner_losses, outer_losses, residuals,
-                                                finite, choice, kept_scores, local)
+                                                finite, choice, scores, local)
 
 
 _round_scan_jit = jax.jit(_round_scan, static_argnums=(0, 1, 8))
@@ -685,9 +684,9 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
       scores.append(sum(sync(_inner_objective_jit(config, apply_fn, params, rest, delta, x, y))
                         for x, y in batches))
   inner_losses = all_losses[0]
-  choice, kept_scores, local = 0, None, None
+  choice, scores, local = 0, jnp.stack(scores) if scores else None, None
   if config.inner_candidates:
-    delta, choice, kept_scores, local = _select_jit(jnp.stack(deltas), jnp.stack(scores))
+    delta, choice, local = _select_jit(jnp.stack(deltas), scores)
   ok = jnp.asarray(True)
   outer_delta = jnp.stack(deltas) if config.inner_use == "all" and len(deltas) > 1 else delta
   outer_losses, residuals, finites = [], [], []
@@ -700,7 +699,7 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
     residuals.append(residual)
     finites.append(finite)
   stats = _round_stats_jit(delta, jnp.stack(inner_losses), jnp.stack(outer_losses),
-                           jnp.stack(residuals), jnp.stack(finites), choice, kept_scores, local)
+                           jnp.stack(residuals), jnp.stack(finites), choice, scores, local)
   return params, opt_state, delta, stats
 
 
