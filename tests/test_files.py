@@ -87,3 +87,24 @@ def test_remove_temporaries_touches_only_atomic_write_leftovers(tmp_path):
   (tmp_path / "keep.tmp").write_text("not ours")
   assert files.remove_temporaries(tmp_path) == 1
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "keep.tmp"]
+
+
+def test_round_records_give_a_resumed_run_what_the_killed_one_recorded(tmp_path):
+  path = tmp_path / "sub" / "rounds.json"
+  first = files.RoundRecords(path, "round")
+  assert first.restored(0, ("acc",)) == {}
+  first.append({"round": 0, "acc": 0.5, "asr": 0.1})
+  first.append({"round": 1, "loss": 2.0})          # killed before round 1 was evaluated
+  resumed = files.RoundRecords(path, "round")
+  assert resumed.restored(0, ("acc", "asr", "ra")) == {"acc": 0.5, "asr": 0.1}
+  assert resumed.restored(1, ("acc",)) == {} and resumed.restored(7, ("acc",)) == {}
+  assert resumed.records == []                      # the new run builds its own list
+  resumed.append({"round": 0, "acc": 0.5})
+  assert files.RoundRecords(path, "round").restored(0, ("asr",)) == {}  # rewritten, not merged
+  resumed.remove()
+  assert not path.exists()
+  resumed.remove()                                  # twice is fine
+  nowhere = files.RoundRecords(None, "round")       # no path: nothing saved
+  nowhere.append({"round": 0})
+  assert nowhere.records == [{"round": 0}] and nowhere.restored(0, ("round",)) == {}
+  nowhere.remove()
