@@ -583,16 +583,23 @@ def test_every_defense_runs_through_the_pipeline(tmp_path, capsys):
   assert not [p for p in (workdir / "partial").rglob("*") if p.is_file()]
 
 
-def test_an_interrupted_neural_cleanse_cell_resumes_and_counts_its_earlier_seconds(tmp_path):
+def _dense_problem(n: int):
+  """``(apply_fn, variables, images, labels)``: a linear 4-class model on ``n`` 4×4 images."""
   import flax.linen as nn
   import jax
-  from ibau_jax.defenses import nc
 
   model = nn.Dense(4)
   variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 48), np.float32))
   apply_fn = lambda v, x: model.apply(v, x.reshape((x.shape[0], -1)))
   rng = np.random.RandomState(0)
-  x, y = rng.rand(64, 4, 4, 3).astype(np.float32), np.arange(64) % 4
+  return apply_fn, variables, rng.rand(n, 4, 4, 3).astype(np.float32), np.arange(n) % 4
+
+
+def test_an_interrupted_neural_cleanse_cell_resumes_and_counts_its_earlier_seconds(tmp_path):
+  import jax
+  from ibau_jax.defenses import nc
+
+  apply_fn, variables, x, y = _dense_problem(64)
   no_metrics = lambda v: {"acc": 0.0, "asr": 0.0, "ra": 0.0}
   config = nc.NCConfig(steps=20, log_every=5, batch_size=16, unlearn_epochs=1)
   run = lambda c: pipeline.run_defense("nc", c, apply_fn, variables, x, y,
@@ -614,16 +621,11 @@ def test_an_interrupted_neural_cleanse_cell_resumes_and_counts_its_earlier_secon
 
 
 def test_an_interrupted_ibau_cell_keeps_the_metrics_of_the_rounds_it_replays(tmp_path):
-  import flax.linen as nn
   import jax
   import ibau_jax
   from _interrupt import Interrupted
 
-  model = nn.Dense(4)
-  variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 48), np.float32))
-  apply_fn = lambda v, x: model.apply(v, x.reshape((x.shape[0], -1)))
-  rng = np.random.RandomState(0)
-  x, y = rng.rand(32, 4, 4, 3).astype(np.float32), np.arange(32) % 4
+  apply_fn, variables, x, y = _dense_problem(32)
   config = ibau_jax.IBAUConfig(rounds=3, batch_size=16)
   calls = []
 
