@@ -543,7 +543,7 @@ def _bar(total: int, desc: str, progress: bool):
   return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
-ROUNDS_FILE = "rounds.json"
+ROUNDS_FILE = files.ROUNDS_FILE
 
 
 def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,

@@ -156,7 +156,7 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
   log(f"[{model_name} {config_name} seed {seed}] before: ACC {before['acc']:.2%} "
       f"ASR {before['asr']:.2%} RA {before['ra']:.2%}")
   records = files.RoundRecords(
-      None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / "rounds.json", "round")
+      None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / files.ROUNDS_FILE, "round")
 
   def callback(r, stats, v):
     if v is None:

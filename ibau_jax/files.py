@@ -45,6 +45,10 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     raise
 
 
+#: The usual name of a :class:`RoundRecords` file inside a run's checkpoint folder.
+ROUNDS_FILE = "rounds.json"
+
+
 class RoundRecords:
   """Per-round records (JSON dicts) kept in a file next to a resumable run's checkpoint.
 
@@ -56,7 +60,6 @@ class RoundRecords:
 
   def __init__(self, path: Optional[str | os.PathLike], key: str):
     self.path = None if path is None else pathlib.Path(path)
-    self.key = key
     self.records: list[dict] = []
     self._saved = ({r[key]: r for r in json.loads(self.path.read_text())}
                    if self.path is not None and self.path.is_file() else {})
