@@ -53,8 +53,13 @@ def test_reproduce_runs_writes_results_and_resumes(fake_dirs, tmp_path, capsys):
   assert reproduce_official.main(argv) == 0
   assert "done already, skipped" in capsys.readouterr().out
   assert len(json.loads((out / "results.json").read_text())["rows"]) == 1
-  # A row made with other settings is not taken for this configuration's: refused.
+  # A row from before a config field existed (it ran at its default) is still done.
   payload = json.loads((out / "results.json").read_text())
+  del payload["rows"][0]["config_fields"]["candidates_from"]
+  (out / "results.json").write_text(json.dumps(payload))
+  assert reproduce_official.main(argv) == 0
+  assert "done already, skipped" in capsys.readouterr().out
+  # A row made with other settings is not taken for this configuration's: refused.
   payload["rows"][0]["config_fields"]["rounds"] = 7
   (out / "results.json").write_text(json.dumps(payload))
   with pytest.raises(SystemExit):
