@@ -623,6 +623,7 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
              progress: bool, checkpoint_dir: Optional[pathlib.Path] = None) -> dict:
   import jax
   from ibau_jax import metrics
+  from ibau_jax import models
 
   model = _model(config)
   apply_fn = _apply_fn(model)
@@ -649,8 +650,8 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
       # DP-SGD replaces the attacker's training: a fresh model trained with per-example
       # clipping and noise on the poisoned training set (no clean set).
       images, labels, _ = poisoned_training_set(config, attack_name, seed, splits)
-      start_from = jax.device_get(model.init(jax.random.fold_in(key, 2), images[:1],
-                                             train=False))
+      start_from = jax.device_get(models.init_variables(model, jax.random.fold_in(key, 2),
+                                                        images[:1]))
     after, rounds, seconds, delta = run_defense(
         defense, config.defense_config(defense), apply_fn, start_from, images, labels, key,
         evaluate, eval_every=config.eval_every, desc=f"{defense} {attack_name} seed {seed}",

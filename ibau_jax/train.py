@@ -48,6 +48,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ibau_jax import files
+from ibau_jax import models
 
 PyTree = Any
 EpochCallback = Callable[[int, Mapping[str, float]], Any]
@@ -348,8 +349,8 @@ def create_train_state(model: nn.Module, config: TrainConfig, input_shape: Seque
     raise ValueError(f"input_shape must be a non-empty tuple of positive ints, "
                      f"got {input_shape}")
   params_key, dropout_key = jax.random.split(key)
-  variables = model.init({"params": params_key, "dropout": dropout_key},
-                         jnp.zeros((1,) + input_shape, jnp.float32), train=False)
+  variables = models.init_variables(model, {"params": params_key, "dropout": dropout_key},
+                                    jnp.zeros((1,) + input_shape, jnp.float32))
   variables = flax.core.unfreeze(variables)
   params = variables.pop("params")
   batch_stats = variables.pop("batch_stats", {})

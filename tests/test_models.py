@@ -343,3 +343,21 @@ def test_conv_im2col_equals_lax_conv_with_gradients():
   strided = vgg.conv_im2col(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn)
   np.testing.assert_allclose(strided, jax.lax.conv_general_dilated(
       x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn), rtol=1e-5, atol=1e-5)
+
+
+def test_init_variables_equals_eager_init_and_compiles_once_per_model():
+  from ibau_jax.models import init_variables, _init
+  model = get_model("small_vgg16", 3, widths=(2, 2, 2))
+  x = jnp.zeros((1, 8, 8, 3))
+  rngs = {"params": jax.random.PRNGKey(3), "dropout": jax.random.PRNGKey(4)}
+  eager = model.init(rngs, x, train=False)
+  before = _init._cache_size()
+  jitted = init_variables(model, rngs, x)
+  assert _init._cache_size() == before + 1
+  assert jax.tree.structure(eager) == jax.tree.structure(jitted)
+  jax.tree.map(np.testing.assert_array_equal, eager, jitted)
+  other = init_variables(get_model("small_vgg16", 3, widths=(2, 2, 2)),
+                         {"params": jax.random.PRNGKey(5), "dropout": jax.random.PRNGKey(4)}, x)
+  assert _init._cache_size() == before + 1  # an equal model and another key: no new program
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(other["params"]),
+                                                      jax.tree.leaves(jitted["params"])))

@@ -10,6 +10,7 @@ import pytest
 
 from experiments import reproduce_official
 from ibau_jax.models import get_model
+from ibau_jax.models import init_variables
 from ibau_jax.models import torch_import
 
 
@@ -25,8 +26,8 @@ def fake_dirs(tmp_path):
            y=(np.arange(60) % 10).astype(np.uint8), exact=np.arange(60) < 40)
   ref = tmp_path / "ref"
   ref.mkdir()
-  variables = get_model("small_vgg16", 10).init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3),
-                                                                               np.float32))
+  variables = init_variables(get_model("small_vgg16", 10), jax.random.PRNGKey(0),
+                             np.zeros((1, 32, 32, 3), np.float32))
   np.savez(ref / "badnets_8_02.npz", **torch_import.export_torch_state(variables, "small_vgg16"))
   (ref / "models.json").write_text(json.dumps({"badnets_8_02": dict(
       dataset="cifar10", attack="badnets", target=8, poison_ratio=0.2)}))

