@@ -97,10 +97,6 @@ class IBAUConfig:
       of the inner maximisation, keeping the strongest.  The index of the chosen solver
       (0: the main one) is ``inner_choice`` in the history; every candidate's score and
       locality (:func:`locality`) are ``candidate_scores`` and ``candidate_locality``.
-    candidates_from: the first round whose δ is chosen among the candidates; in earlier
-      rounds the main solver's δ is kept whatever the scores (the candidates still run and
-      their scores and localities are recorded).  0 (the default): every round chooses.
-      Only with ``inner_use="best"``.
     inner_use: ``"best"``: the outer steps unlearn the kept δ only (above); ``"all"``: they
       unlearn every candidate's δ, each outer step taking the mean of the hypergradients
       of ``L_out(θ, δ_k*(θ))`` over the candidates k (each with its own perturbed images
@@ -189,7 +185,6 @@ class IBAUConfig:
   inner_projection: str = "end"
   inner_candidates: tuple[tuple[str, float, str], ...] = (("normalized", 2.0, "step"),)
   inner_refine: Optional[tuple[str, float, str]] = None
-  candidates_from: int = 0
   inner_use: str = "best"
   clamp: bool = False
   perturbed_fraction: float = 0.01
@@ -269,12 +264,6 @@ class IBAUConfig:
                        f"projection in ('end', 'step'); got {self.inner_refine!r}")
     if self.inner_use not in ("best", "all"):
       raise ValueError(f"IBAUConfig.inner_use must be 'best' or 'all', got {self.inner_use!r}")
-    if isinstance(self.candidates_from, bool) or not isinstance(
-        self.candidates_from, int) or self.candidates_from < 0:
-      raise ValueError(f"IBAUConfig.candidates_from must be an int >= 0, "
-                       f"got {self.candidates_from!r}")
-    if self.candidates_from and self.inner_use != "best":
-      raise ValueError("IBAUConfig.candidates_from applies to inner_use='best' only")
     if self.inner_projection not in ("end", "step"):
       raise ValueError(f"IBAUConfig.inner_projection must be 'end' or 'step', "
                        f"got {self.inner_projection!r}")
@@ -563,10 +552,9 @@ def locality(delta: jax.Array) -> jax.Array:
   return jnp.where(total > 0, jnp.sum(top) / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def _select(deltas: jax.Array, scores: jax.Array, choosing=True):
-  """The strongest δ (the main solver's, 0, where ``choosing`` is False), its index and every
-  δ's locality (for the history)."""
-  choice = jnp.where(choosing, jnp.argmax(scores), 0)
+def _select(deltas: jax.Array, scores: jax.Array):
+  """The strongest δ, its index and every δ's locality (for the history)."""
+  choice = jnp.argmax(scores)
   return deltas[choice], choice, jax.vmap(locality)(deltas)
 
 
@@ -620,8 +608,7 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
   inner_losses = all_losses[0]
   choice, scores, local = 0, jnp.stack(scores) if scores else None, None
   if config.inner_candidates:
-    delta, choice, local = _select(jnp.stack(deltas), scores,
-                                   round_index >= config.candidates_from)
+    delta, choice, local = _select(jnp.stack(deltas), scores)
 
   outer_delta = jnp.stack(deltas) if config.inner_use == "all" and len(deltas) > 1 else delta
 
@@ -699,8 +686,7 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
   inner_losses = all_losses[0]
   choice, scores, local = 0, jnp.stack(scores) if scores else None, None
   if config.inner_candidates:
-    delta, choice, local = _select_jit(jnp.stack(deltas), scores,
-                                       jnp.asarray(round_index) >= config.candidates_from)
+    delta, choice, local = _select_jit(jnp.stack(deltas), scores)
   ok = jnp.asarray(True)
   outer_delta = jnp.stack(deltas) if config.inner_use == "all" and len(deltas) > 1 else delta
   outer_losses, residuals, finites = [], [], []

@@ -362,17 +362,11 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("inner_candidates", (("lbfgs", 1.0, "end"),)), ("inner_candidates", (("sgd", -1.0, "end"),)),
     ("outer_lr_decay", 0.0), ("outer_lr_decay", 1.5),
     ("inner_refine", ("lbfgs", 1.0, "end")), ("inner_refine", ("sgd", 0.0, "step")),
-    ("inner_refine", ("sgd", 1.0)), ("inner_use", "mean"), ("candidates_from", -1),
-    ("candidates_from", 1.5), ("candidates_from", True),
+    ("inner_refine", ("sgd", 1.0)), ("inner_use", "mean"),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
     ibau_jax.IBAUConfig(**{field: value})
-
-
-def test_candidates_from_needs_inner_use_best():
-  with pytest.raises(ValueError, match="candidates_from"):
-    ibau_jax.IBAUConfig(candidates_from=1, inner_use="all")
 
 
 def test_non_finite_hypergradient_stops_with_clear_error_and_leaves_input_untouched():
@@ -525,14 +519,6 @@ def test_inner_candidates_keep_the_delta_with_the_best_inner_objective():
                                  [scores[i] for i in order], rtol=1e-4)
       np.testing.assert_allclose(r.history[0]["candidate_locality"],
                                  [float(ibau.locality(alone[i])) for i in order], rtol=1e-5)
-  # candidates_from=1: round 0 keeps the main solver's δ although the candidate is stronger.
-  weaker, stronger = (b, a) if best == 0 else (a, b)
-  for loop in ("python", "scan"):
-    r = ibau_jax.unlearn(apply_fn, variables, x, y, config(weaker, (stronger,)).replace(
-        loop=loop, candidates_from=1), key=key)
-    np.testing.assert_allclose(r.perturbation, alone[1 - best], rtol=1e-5, atol=1e-6)
-    assert r.history[0]["inner_choice"] == 0
-    assert r.history[0]["candidate_scores"][1] > r.history[0]["candidate_scores"][0]
 
 
 def test_locality_is_the_energy_share_of_the_top_two_percent_of_locations():

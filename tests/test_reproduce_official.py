@@ -56,7 +56,7 @@ def test_reproduce_runs_writes_results_and_resumes(fake_dirs, tmp_path, capsys):
   assert len(json.loads((out / "results.json").read_text())["rows"]) == 1
   # A row from before a config field existed (it ran at its default) is still done.
   payload = json.loads((out / "results.json").read_text())
-  del payload["rows"][0]["config_fields"]["candidates_from"]
+  del payload["rows"][0]["config_fields"]["inner_use"]
   (out / "results.json").write_text(json.dumps(payload))
   assert reproduce_official.main(argv) == 0
   assert "done already, skipped" in capsys.readouterr().out
