@@ -223,10 +223,11 @@ def _run_cells(parser, cells, configs, args, reference_dir, overrides, out) -> l
   # earlier versions also recorded checkpoint_dir, always None, and lack the fields added
   # since, which ran at their defaults then).
   wanted = {name: fields(name) for name in configs}
-  added = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(ibau_jax.IBAUConfig)
-                                 if f.default is not dataclasses.MISSING}))
+  defaults = json.loads(json.dumps({f.name: f.default
+                                    for f in dataclasses.fields(ibau_jax.IBAUConfig)
+                                    if f.default is not dataclasses.MISSING}))
   stale = [r for r in rows if r["config"] in wanted
-           and {k: v for k, v in {**added, **json.loads(json.dumps(r["config_fields"]))}.items()
+           and {k: v for k, v in {**defaults, **json.loads(json.dumps(r["config_fields"]))}.items()
                 if k in wanted[r["config"]]} != wanted[r["config"]]]
   if stale:
     parser.error(f"{results_path} holds {len(stale)} row(s) made with a different "
