@@ -543,9 +543,6 @@ def _bar(total: int, desc: str, progress: bool):
   return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
-ROUNDS_FILE = files.ROUNDS_FILE
-
-
 def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
                 evaluate: Callable[[Any], dict], *, eval_every: int = 1, desc: str = "",
                 progress: bool = False,
@@ -588,7 +585,8 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   # resumed run replays (v is None: their variables were not kept) get back the metrics
   # measured before the interruption.
   records = files.RoundRecords(
-      None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / ROUNDS_FILE, "step")
+      None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / files.ROUNDS_FILE,
+      "step")
 
   def callback(r, stats, v):
     t = time.perf_counter()

@@ -647,7 +647,7 @@ def test_an_interrupted_ibau_cell_keeps_the_metrics_of_the_rounds_it_replays(tmp
   # Killed while evaluating round 1: rounds 0 and 1 are checkpointed, round 0 was evaluated.
   with pytest.raises(Interrupted):
     run(stop=2, folder=partial)
-  assert (partial / pipeline.ROUNDS_FILE).is_file()
+  assert (partial / files.ROUNDS_FILE).is_file()
   resumed_after, rounds, _, _ = run(folder=partial)
   assert resumed_after == after
   metrics = ("acc", "asr", "ra")
@@ -655,7 +655,7 @@ def test_an_interrupted_ibau_cell_keeps_the_metrics_of_the_rounds_it_replays(tmp
   assert not any(k in rounds[1] for k in metrics)  # its evaluation was interrupted
   assert {k: rounds[2][k] for k in metrics} == {k: reference[2][k] for k in metrics}
   assert [r["seconds_before"] > 0 for r in rounds[:2]] == [True, True]
-  assert not (partial / pipeline.ROUNDS_FILE).exists()
+  assert not (partial / files.ROUNDS_FILE).exists()
 
 
 def test_cpu_preset_shortens_the_slow_defenses_and_the_command_line_restores_them():
