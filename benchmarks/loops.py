@@ -77,14 +77,14 @@ def main(argv=None) -> int:
   wanted = args.only.split(",")
   if "dp" in wanted:
     config = dp.DPConfig(batch_size=128)
-    state = dp._tx(config).init(params)
+    state = dp._tx(config.learning_rate, config.momentum).init(params)
     idx = (jnp.arange(steps * 128) % n).reshape(steps, 128)
     keys = jax.random.split(key, steps)
     record("dp",
-           lambda: dp._epoch(config, apply_fn, params, state, rest, images, labels, idx, keys,
-                             "scan"),
-           lambda: dp._epoch(config, apply_fn, params, state, rest, images, labels, idx, keys,
-                             "python"), 128)
+           lambda: dp._epoch(config.replace(loop="scan"), apply_fn, params, state, rest, images,
+                             labels, idx, keys),
+           lambda: dp._epoch(config.replace(loop="python"), apply_fn, params, state, rest,
+                             images, labels, idx, keys), 128)
   if "nc_unlearning" in wanted:
     config = nc._unlearn_static(nc.NCConfig(batch_size=32))
     state = nc._unlearn_tx(config).init(params)

@@ -47,6 +47,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ibau_jax import _prng
 from ibau_jax import files
 from ibau_jax import models
 
@@ -102,7 +103,7 @@ def augment(images: jax.Array, key: jax.Array, *, crop_padding: int = 4, flip: b
   if crop_padding > 0:
     p = int(crop_padding)
     padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode=pad_mode)
-    offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
+    offsets = _prng.randint(crop_key, (n, 2), 0, 2 * p + 1)
     out = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(
         padded, offsets)
   if flip:

@@ -504,6 +504,24 @@ def test_dp_sgd_is_deterministic_for_a_key():
   _assert_trees_equal(a.variables["batch_stats"], variables["batch_stats"])
 
 
+def test_a_dp_sgd_sweep_over_its_numbers_reuses_one_compiled_step():
+  # σ, C, the learning rate and the momentum are arguments of the compiled step, not
+  # constants in it; the data set's size is not part of it either.
+  variables = _small_variables()
+  x, y = _small_data(24)
+  config = dp_lib.DPConfig(epochs=1, batch_size=8, loop="python")
+  dp_lib.dp_sgd(apply_small, variables, x, y, config, key=jax.random.PRNGKey(0))
+  before = dp_lib._step_jit._cache_size()
+  results = [dp_lib.dp_sgd(apply_small, variables, x[:n], y[:n],
+                           config.replace(noise_multiplier=s, clip_norm=c, learning_rate=lr,
+                                          momentum=mu), key=jax.random.PRNGKey(0))
+             for n, s, c, lr, mu in ((24, 0.5, 2.0, 0.01, 0.5), (16, 2.0, 0.1, 0.2, 0.99))]
+  assert dp_lib._step_jit._cache_size() == before
+  a, b = (r.variables["params"] for r in results)
+  assert max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda p, q: float(np.abs(np.asarray(p) - np.asarray(q)).max()), a, b))) > 1e-4
+
+
 def test_dp_sgd_scan_and_python_loops_agree():
   variables = _small_variables()
   x, y = _small_data(32)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ibau_jax import _prng
 from ibau_jax.attacks.base import (Attack, check_batch, check_float, check_int,
                                    frozen, seeded_rng)
 
@@ -226,6 +227,6 @@ class WaNet(Attack):
     images = check_batch(images, "wanet")
     n, h, w = images.shape[:3]
     grid = jnp.asarray(self.grid(h, w), jnp.float32)
-    noise = jax.random.uniform(key, (n, h, w, 2), jnp.float32, -1.0, 1.0)
+    noise = _prng.uniform(key, (n, h, w, 2), jnp.float32, -1.0, 1.0)
     grid = jnp.clip(grid[None] + noise / h, -1.0, 1.0)
     return jnp.clip(grid_sample(images, grid), 0.0, 1.0)

@@ -57,6 +57,7 @@ import numpy as np
 import optax
 
 from ibau_jax import _loops
+from ibau_jax import _prng
 from ibau_jax import _resume
 from ibau_jax.defenses import _checks
 from ibau_jax.defenses import layers as layer_lib
@@ -302,8 +303,8 @@ def _step(config: ANPConfig, apply_fn, names: tuple, variables, biases, images, 
   x, y = images[i], labels[i]
   if eps > 0:
     ks = jax.random.split(key, 2 * len(names))
-    noise = {n: (jax.random.uniform(ks[2 * j], m[n].shape, m[n].dtype, -eps, eps),
-                 jax.random.uniform(ks[2 * j + 1], m[n].shape, m[n].dtype, -eps, eps))
+    noise = {n: (_prng.uniform(ks[2 * j], m[n].shape, m[n].dtype, -eps, eps),
+                 _prng.uniform(ks[2 * j + 1], m[n].shape, m[n].dtype, -eps, eps))
              for j, n in enumerate(names)}
     for _ in range(config.anp_steps):
       g = jax.grad(loss, argnums=1)(m, noise, x, y)

@@ -71,6 +71,7 @@ import numpy as np
 import optax
 
 from ibau_jax import _loops
+from ibau_jax import _prng
 from ibau_jax import _resume
 from ibau_jax.defenses import _checks
 
@@ -260,7 +261,7 @@ def model_inversion(apply_fn, variables: PyTree, image_shape: tuple[int, int, in
   """
   static = _stage_config(config, _INVERSION_FIELDS)
   shape = (num_classes, config.inversion_per_class) + tuple(image_shape)
-  w = 0.1 * jax.random.normal(key, shape, jnp.float32)
+  w = 0.1 * _prng.normal(key, shape, jnp.float32)
 
   def own_prob(w_):
     probs = jax.vmap(lambda wc: jax.nn.softmax(apply_fn(variables, jax.nn.sigmoid(wc))))(w_)
@@ -330,7 +331,7 @@ def _generator_step(config, apply_fn, gen, variables, gen_params, opt_state, sub
   k_idx, k_z = jax.random.split(key)
   n = substitute.shape[0]
   x = substitute[jax.random.randint(k_idx, (config.batch_size,), 0, n)]
-  z = jax.random.normal(k_z, (num_classes, config.batch_size, config.noise_dim))
+  z = _prng.normal(k_z, (num_classes, config.batch_size, config.noise_dim))
 
   def loss_fn(p):
     ce, mag, _ = _generator_losses(config, apply_fn, gen, variables, p, x, z)
@@ -391,7 +392,7 @@ def train_trigger_generator(apply_fn, variables: PyTree, substitute: jax.Array,
   m = config.statistic_samples
   x = substitute[jax.random.choice(k_idx, substitute.shape[0], (m,),
                                    replace=substitute.shape[0] < m)]
-  z = jax.random.normal(k_eval, (num_classes, m, config.noise_dim))
+  z = _prng.normal(k_eval, (num_classes, m, config.noise_dim))
   ce, mag, success = _generator_losses_jit(
       static, apply_fn, gen, variables, gen_params, x, z)
   stats = dict(statistic=np.asarray(mag), success=np.asarray(success),
@@ -451,7 +452,7 @@ def _patch_step(config, apply_fn, gen, params, opt_state, rest, gen_params, flag
   n_trig = max(1, int(round(config.patch_fraction * bsz)))
   k_t, k_z = jax.random.split(key)
   t = jax.random.categorical(k_t, jnp.where(flagged_mask, 0.0, -jnp.inf), shape=(n_trig,))
-  z = jax.random.normal(k_z, (n_trig, config.noise_dim))
+  z = _prng.normal(k_z, (n_trig, config.noise_dim))
   triggered = jnp.clip(x[:n_trig] + gen.apply(gen_params, z, t), 0.0, 1.0)
   x = x.at[:n_trig].set(triggered)
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from ibau_jax import _loops
+from ibau_jax import _prng
 from ibau_jax.defenses import _checks
 
 PyTree = Any
@@ -121,28 +122,40 @@ def privatize_gradients(per_example_grads: PyTree, clip_norm: float, noise_multi
   b = leaves[0].shape[0]
   keys = jax.random.split(key, len(leaves))
   noisy = [(jnp.sum(l, axis=0)
-            + noise_multiplier * clip_norm * jax.random.normal(k, l.shape[1:], l.dtype)) / b
+            + noise_multiplier * clip_norm * _prng.normal(k, l.shape[1:], l.dtype)) / b
            for l, k in zip(leaves, keys)]
   return jax.tree_util.tree_unflatten(treedef, noisy), norms
 
 
-def _tx(config: DPConfig) -> optax.GradientTransformation:
-  return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+def _tx(learning_rate, momentum) -> optax.GradientTransformation:
+  """SGD (with momentum unless ``momentum`` is None); the numbers may be traced values."""
+  return optax.sgd(learning_rate, momentum=momentum)
 
 
-def _step(config: DPConfig, apply_fn, params, opt_state, rest, images, labels, i, key):
-  """One DP-SGD step on the batch of indices ``i``: ``(params, opt_state, stats)``."""
+def _hyper(config: DPConfig) -> dict:
+  """The numeric settings a sweep changes, as arrays: the compiled step takes them as
+  arguments, so runs that differ only in them (a sweep over σ, C or the learning rate,
+  as Du et al. do) reuse one program."""
+  return {k: jnp.float32(getattr(config, k))
+          for k in ("learning_rate", "momentum", "clip_norm", "noise_multiplier")}
+
+
+def _step(apply_fn, momentum: bool, params, opt_state, rest, images, labels, key, hyper):
+  """One DP-SGD step on the batch ``(images, labels)``: ``(params, opt_state, stats)``.
+  ``momentum`` (static) says whether SGD keeps a velocity; ``hyper`` is :func:`_hyper`."""
 
   def example_loss(p, x, y):
     logits = apply_fn({"params": p, **rest}, x[None])
     return optax.softmax_cross_entropy_with_integer_labels(logits, y[None])[0]
 
   losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(
-      params, images[i], labels[i])
-  grad, norms = privatize_gradients(grads, config.clip_norm, config.noise_multiplier, key)
-  updates, opt_state = _tx(config).update(grad, opt_state, params)
+      params, images, labels)
+  clip_norm = hyper["clip_norm"]
+  grad, norms = privatize_gradients(grads, clip_norm, hyper["noise_multiplier"], key)
+  tx = _tx(hyper["learning_rate"], hyper["momentum"] if momentum else None)
+  updates, opt_state = tx.update(grad, opt_state, params)
   stats = dict(loss=jnp.mean(losses), grad_norm=jnp.mean(norms),
-               clipped_fraction=jnp.mean(norms > config.clip_norm))
+               clipped_fraction=jnp.mean(norms > clip_norm))
   return optax.apply_updates(params, updates), opt_state, stats
 
 
@@ -150,26 +163,30 @@ _step_jit = jax.jit(_step, static_argnums=(0, 1))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _epoch_scan(config: DPConfig, apply_fn, params, opt_state, rest, images, labels, idx, keys):
+def _epoch_scan(apply_fn, momentum: bool, params, opt_state, rest, images, labels, idx, keys,
+                hyper):
 
   def step(carry, inputs):
-    params, opt_state, stats = _step(config, apply_fn, *carry, rest, images, labels, *inputs)
+    i, key = inputs
+    params, opt_state, stats = _step(apply_fn, momentum, *carry, rest, images[i], labels[i],
+                                     key, hyper)
     return (params, opt_state), stats
 
   (params, opt_state), stats = jax.lax.scan(step, (params, opt_state), (idx, keys))
   return params, opt_state, stats
 
 
-def _epoch(config: DPConfig, apply_fn, params, opt_state, rest, images, labels, idx, keys,
-           loop: str = "auto"):
+def _epoch(config: DPConfig, apply_fn, params, opt_state, rest, images, labels, idx, keys):
   """An epoch over the batches ``idx`` (``(steps, batch)``): ``(params, opt_state, stats)``
   with every statistic stacked over the steps (see :attr:`DPConfig.loop`)."""
-  if _loops.use_scan(loop):
-    return _epoch_scan(config, apply_fn, params, opt_state, rest, images, labels, idx, keys)
+  momentum, hyper = config.momentum > 0, _hyper(config)
+  if _loops.use_scan(config.loop):
+    return _epoch_scan(apply_fn, momentum, params, opt_state, rest, images, labels, idx, keys,
+                       hyper)
   stats = []
   for t in range(idx.shape[0]):
-    params, opt_state, s = _step_jit(config, apply_fn, params, opt_state, rest, images, labels,
-                                     idx[t], keys[t])
+    params, opt_state, s = _step_jit(apply_fn, momentum, params, opt_state, rest,
+                                     images[idx[t]], labels[idx[t]], keys[t], hyper)
     stats.append(s)
   return params, opt_state, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *stats)
 
@@ -203,8 +220,7 @@ def dp_sgd(apply_fn, variables: PyTree, images, labels, config: DPConfig = DPCon
   labels = jnp.asarray(labels, jnp.int32)
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
-  static = config.replace(callback=None)
-  opt_state = _tx(config).init(params)
+  opt_state = _tx(config.learning_rate, config.momentum or None).init(params)
   n, bsz = images.shape[0], config.batch_size
   steps = n // bsz
   order_key, noise_key = jax.random.split(key)
@@ -215,8 +231,8 @@ def dp_sgd(apply_fn, variables: PyTree, images, labels, config: DPConfig = DPCon
     idx = order[:steps * bsz].reshape(steps, bsz)
     keys = jax.vmap(lambda t: jax.random.fold_in(noise_key, t))(
         jnp.arange(epoch * steps, (epoch + 1) * steps))
-    params, opt_state, stats = _epoch(static, apply_fn, params, opt_state, rest, images,
-                                      labels, idx, keys, config.loop)
+    params, opt_state, stats = _epoch(config, apply_fn, params, opt_state, rest, images,
+                                      labels, idx, keys)
     entry = dict(epoch=epoch, loss=float(jnp.mean(stats["loss"])),
                  grad_norm=float(jnp.mean(stats["grad_norm"])),
                  clipped_fraction=float(jnp.mean(stats["clipped_fraction"])),

@@ -84,6 +84,7 @@ import numpy as np
 import optax
 
 from ibau_jax import _loops
+from ibau_jax import _prng
 from ibau_jax import _resume
 from ibau_jax.defenses import _checks
 
@@ -230,8 +231,8 @@ def _reverse_init(num_classes: int, shape, key):
   k_mask, k_pattern, _ = jax.random.split(key, 3)
   shape_m, shape_p = (num_classes, h, w, 1), (num_classes, h, w, c)
   logit = lambda u: jnp.log(u) - jnp.log1p(-u)
-  weights = (logit(jax.random.uniform(k_mask, shape_m, minval=0.05, maxval=0.95)),
-             logit(jax.random.uniform(k_pattern, shape_p, minval=0.05, maxval=0.95)))
+  weights = (logit(_prng.uniform(k_mask, shape_m, minval=0.05, maxval=0.95)),
+             logit(_prng.uniform(k_pattern, shape_p, minval=0.05, maxval=0.95)))
   zeros = jnp.zeros((num_classes,), jnp.int32)
   best = dict(norm=jnp.full((num_classes,), jnp.inf), reached=jnp.zeros((num_classes,), bool),
               mask=jnp.zeros(shape_m), pattern=jnp.zeros(shape_p))

@@ -33,6 +33,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ibau_jax import _prng
+
 
 def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
@@ -55,14 +57,15 @@ class PreActBlock(nn.Module):
     out = nn.relu(_batch_norm(train, "bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = nn.Conv(self.features, (1, 1), strides=self.stride, padding=0,
-                         use_bias=False, name="shortcut")(out)
+                         use_bias=False, kernel_init=_prng.lecun_normal(),
+                         name="shortcut")(out)
     else:
       shortcut = x
     out = nn.Conv(self.features, (3, 3), strides=self.stride, padding=1,
-                  use_bias=False, name="conv1")(out)
+                  use_bias=False, kernel_init=_prng.lecun_normal(), name="conv1")(out)
     out = nn.relu(_batch_norm(train, "bn2")(out))
     out = nn.Conv(self.features, (3, 3), strides=1, padding=1, use_bias=False,
-                  name="conv2")(out)
+                  kernel_init=_prng.lecun_normal(), name="conv2")(out)
     return out + shortcut
 
 
@@ -87,11 +90,12 @@ class PreActResNet18(nn.Module):
       raise ValueError(f"widths {tuple(self.widths)} and strides {tuple(self.strides)} "
                        "must have the same length")
     x = nn.Conv(self.widths[0], (3, 3), strides=1, padding=1, use_bias=False,
-                name="conv1")(x)
+                kernel_init=_prng.lecun_normal(), name="conv1")(x)
     for stage, (width, stride) in enumerate(zip(self.widths, self.strides)):
       for b in range(self.blocks_per_stage):
         x = PreActBlock(width, stride if b == 0 else 1,
                         name=f"layer{stage + 1}_{b}")(x, train=train)
     x = nn.relu(_batch_norm(train, "bn")(x))
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="linear")(x)
+    return nn.Dense(self.num_classes, kernel_init=_prng.lecun_normal(),
+                    name="linear")(x)

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ibau_jax import _prng
+
 
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   """2x2 max pooling with stride 2 (odd trailing rows/columns dropped, as ``nn.max_pool``).
@@ -85,12 +87,12 @@ class SmallVGG16(nn.Module):
         # im2col for thin inputs (the RGB layer): same parameters, same function.
         conv = conv_im2col if x.shape[-1] <= 4 else jax.lax.conv_general_dilated
         x = nn.Conv(width, (3, 3), padding=1, conv_general_dilated=conv,
-                    name=f"conv{stage}_{j}")(x)
+                    kernel_init=_prng.lecun_normal(), name=f"conv{stage}_{j}")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          name=f"bn{stage}_{j}")(x)
         x = nn.elu(x)
       x = max_pool_2x2(x)
-      x = nn.Dropout(rate, deterministic=not train)(x)
+      x = _prng.Dropout(rate, deterministic=not train)(x)
     # Flatten in PyTorch's (C, H, W) order.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))
-    return nn.Dense(self.num_classes, name="classifier")(x)
+    return nn.Dense(self.num_classes, kernel_init=_prng.lecun_normal(), name="classifier")(x)
