@@ -17,6 +17,7 @@ from ibau_jax.defenses import dp as dp_lib
 from ibau_jax.defenses.layers import apply_with_layers
 
 from _interrupt import interrupt, recording, saved_step
+from _layers import Conv, Dense
 
 CLASSES = 4
 SEED_BACKDOOR = 1
@@ -32,11 +33,11 @@ class SmallNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     for i, w in enumerate(self.widths):
-      x = nn.Conv(w, (3, 3), padding=1, name=f"conv{i}")(x)
+      x = Conv(w, (3, 3), padding=1, name=f"conv{i}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(x)
       x = nn.relu(x)
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    return nn.Dense(CLASSES, name="head")(x.reshape((x.shape[0], -1)))
+    return Dense(CLASSES, name="head")(x.reshape((x.shape[0], -1)))
 
 
 SMALL = SmallNet()
@@ -265,7 +266,7 @@ def test_anp_layers_and_errors():
   with pytest.raises(ValueError, match="not called"):
     anp_lib.resolve_layers(apply_small, variables, x, ["bn7"])
 
-  dense = nn.Dense(CLASSES)
+  dense = Dense(CLASSES)
   dense_vars = dense.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 3)).reshape(1, -1))
   dense_fn = lambda v, im: dense.apply(v, im.reshape(im.shape[0], -1))
   with pytest.raises(ValueError, match="no BatchNorm"):

@@ -20,6 +20,7 @@ import pytest
 from ibau_jax.defenses import deepinspect as di
 
 from _interrupt import interrupt, recording, saved_step
+from _layers import Conv, Dense
 
 H = W = 8
 CLASSES = 6
@@ -50,9 +51,9 @@ class Net(nn.Module):
   def __call__(self, x):
     centre = self.variable("consts", "centre", lambda: jnp.full((3,), 0.5, jnp.float32))
     x = x - centre.value
-    x = nn.relu(nn.Conv(16, (3, 3))(x))
-    x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))
-    return nn.Dense(CLASSES)(x.reshape((x.shape[0], -1)))
+    x = nn.relu(Conv(16, (3, 3))(x))
+    x = nn.relu(Conv(16, (3, 3), strides=2)(x))
+    return Dense(CLASSES)(x.reshape((x.shape[0], -1)))
 
 
 MODEL = Net()
@@ -231,7 +232,7 @@ def test_model_inversion_raises_the_class_probability_and_stays_in_the_box():
 class _Linear(nn.Module):
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(CLASSES)(x.reshape((x.shape[0], -1)))
+    return Dense(CLASSES)(x.reshape((x.shape[0], -1)))
 
 
 def _linear_apply(variables, x):

@@ -15,6 +15,7 @@ from ibau_jax import defenses
 from ibau_jax.defenses import fp, nad
 from ibau_jax.defenses.layers import apply_with_layers, channel_mask
 from ibau_jax.models.vgg import SmallVGG16
+from _layers import Conv, Dense
 
 H = W = 8
 CLASSES = 3
@@ -29,15 +30,15 @@ class Net(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(4, (3, 3), padding=1, name="conv0")(x)
+    x = Conv(4, (3, 3), padding=1, name="conv0")(x)
     x = nn.BatchNorm(use_running_average=not train, name="bn0")(x)
     x = nn.elu(x)
     n, h, w, c = x.shape
     x = x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-    x = nn.Conv(CHANNELS, (3, 3), padding=1, name="conv1")(x)
+    x = Conv(CHANNELS, (3, 3), padding=1, name="conv1")(x)
     x = nn.BatchNorm(use_running_average=not train, name="bn1")(x)
     x = nn.elu(x)
-    return nn.Dense(CLASSES, name="classifier")(x.mean(axis=(1, 2)))
+    return Dense(CLASSES, name="classifier")(x.mean(axis=(1, 2)))
 
 
 MODEL = Net()

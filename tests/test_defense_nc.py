@@ -22,6 +22,7 @@ import pytest
 from ibau_jax.defenses import nc, tabor
 
 from _interrupt import interrupt, saved_step
+from _layers import Conv, Dense
 
 H = W = 8
 K = 6
@@ -38,9 +39,9 @@ class Net(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.Conv(8, (3, 3))(x))
-    x = nn.relu(nn.Conv(8, (3, 3))(x))
-    return nn.Dense(K)(x.reshape((x.shape[0], -1)))
+    x = nn.relu(Conv(8, (3, 3))(x))
+    x = nn.relu(Conv(8, (3, 3))(x))
+    return Dense(K)(x.reshape((x.shape[0], -1)))
 
 
 MODEL = Net()

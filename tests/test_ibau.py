@@ -20,6 +20,7 @@ import ibau_jax
 from ibau_jax import ibau
 
 from _interrupt import interrupt, recording, saved_step
+from _layers import Conv, Dense
 
 H = W = 6
 CLASSES = 3
@@ -30,10 +31,10 @@ class TinyNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(2, (3, 3), padding=1)(x)
+    x = Conv(2, (3, 3), padding=1)(x)
     x = nn.BatchNorm(use_running_average=not train)(x)
     x = jnp.tanh(x)
-    return nn.Dense(CLASSES)(x.reshape((x.shape[0], -1)))
+    return Dense(CLASSES)(x.reshape((x.shape[0], -1)))
 
 
 MODEL = TinyNet()
@@ -376,7 +377,7 @@ def test_non_finite_hypergradient_stops_with_clear_error_and_leaves_input_untouc
     @nn.compact
     def __call__(self, x):
       w = self.param("w", nn.initializers.zeros, ())
-      logits = nn.Dense(CLASSES)(x.reshape((x.shape[0], -1)))
+      logits = Dense(CLASSES)(x.reshape((x.shape[0], -1)))
       return logits + jnp.sqrt(jnp.abs(w))
 
   model = Fragile()

@@ -15,6 +15,7 @@ import pytest
 
 from ibau_jax.models import get_model, model_names, vgg
 from ibau_jax.models.torch_import import export_torch_state, load_torch_state
+from _layers import Conv, Dense
 
 EPS = 1e-5
 
@@ -352,8 +353,8 @@ class _ConvBnDense(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.BatchNorm(use_running_average=not train)(nn.Conv(2, (3, 3))(x))
-    return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+    x = nn.BatchNorm(use_running_average=not train)(Conv(2, (3, 3))(x))
+    return Dense(3)(x.reshape((x.shape[0], -1)))
 
 
 def test_init_variables_equals_eager_init_and_compiles_once_per_model():

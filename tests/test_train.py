@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from ibau_jax import train
+from _layers import Conv, Dense, Dropout
 
 
 class TinyNet(nn.Module):
@@ -25,12 +26,12 @@ class TinyNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(4, (3, 3))(x)
+    x = Conv(4, (3, 3))(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
     x = nn.relu(x)
-    x = nn.Dropout(0.25, deterministic=not train)(x)
+    x = Dropout(0.25, deterministic=not train)(x)
     x = x.mean(axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
+    return Dense(self.num_classes)(x)
 
 
 def make_data(n: int = 64, seed: int = 0):

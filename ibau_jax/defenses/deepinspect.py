@@ -301,8 +301,8 @@ class TriggerGenerator(nn.Module):
   @nn.compact
   def __call__(self, z: jax.Array, c: jax.Array) -> jax.Array:
     h = jnp.concatenate([z, jax.nn.one_hot(c, self.num_classes, dtype=z.dtype)], axis=-1)
-    h = nn.relu(nn.Dense(self.hidden)(h))
-    h = nn.relu(nn.Dense(self.hidden)(h))
+    h = nn.relu(nn.Dense(self.hidden, kernel_init=_prng.lecun_normal())(h))
+    h = nn.relu(nn.Dense(self.hidden, kernel_init=_prng.lecun_normal())(h))
     h = nn.Dense(int(np.prod(self.image_shape)), kernel_init=nn.initializers.zeros)(h)
     return self.scale * jnp.tanh(h).reshape(z.shape[:-1] + tuple(self.image_shape))
 
