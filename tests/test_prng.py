@@ -77,8 +77,22 @@ def test_models_initialise_and_drop_out_exactly_as_with_flax_defaults(monkeypatc
                                               mutable=["batch_stats"]))(variables, x)
     return variables, out
 
+  calls = []
+
+  def counted(name):
+    original = getattr(_prng, name)
+    return lambda *a, **k: calls.append(name) or original(*a, **k)
+
+  def unused(*a, **k):
+    raise AssertionError("a flat draw was used")
+
+  for name in ("truncated_normal", "bernoulli"):
+    monkeypatch.setattr(_prng, name, counted(name))
   ours = run()
+  assert set(calls) == {"truncated_normal", "bernoulli"}  # the model draws through _prng
   monkeypatch.setattr(_prng, "lecun_normal", nn.initializers.lecun_normal)
   monkeypatch.setattr(_prng, "Dropout", nn.Dropout)
+  for name in ("truncated_normal", "bernoulli"):
+    monkeypatch.setattr(_prng, name, unused)
   theirs = run()
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), ours, theirs)
