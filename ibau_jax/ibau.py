@@ -28,8 +28,12 @@ function: BatchNorm statistics frozen, dropout off); only ``variables["params"]`
 trained and every other collection passes through unchanged.
 
 Each round is one ``jax.jit``-compiled function (``lax.scan`` over batches); rounds and calls
-with the same shapes and static configuration reuse the compiled code, provided the same
-``apply_fn`` object is passed.
+with the same shapes and the same configuration structure reuse the compiled code, provided
+the same ``apply_fn`` object is passed.  The structure is every field of :class:`IBAUConfig`
+except its learning rates, λ, C and η, which are arguments of the compiled code (an
+``IBAUConfig`` is a pytree with those numbers as leaves), and except the fields only the
+Python loop reads (``rounds``, ``select``, the probes, ``callback``, ``checkpoint_dir``): a
+sweep over those compiles once.
 """
 
 from __future__ import annotations
@@ -171,6 +175,11 @@ class IBAUConfig:
       anything else (or with an optax object as ``outer_optimizer``, which has no stable
       description) is ignored and overwritten; the file is deleted when ``unlearn``
       returns.  None: nothing is saved.
+
+  An ``IBAUConfig`` is a JAX pytree: its leaves are ``inner_lr``, ``inner_reg``,
+  ``norm_bound``, ``fixed_point_lr``, ``outer_lr`` and the learning rates in
+  ``inner_candidates`` and ``inner_refine``; every other field is part of its structure.  The
+  compiled steps take it as an ordinary argument, so a sweep over those numbers compiles once.
   """
 
   rounds: int = 5
@@ -302,6 +311,54 @@ class IBAUConfig:
 
   def replace(self, **changes) -> "IBAUConfig":
     return dataclasses.replace(self, **changes)
+
+
+# The numbers the compiled steps compute with.  An IBAUConfig is a pytree whose leaves are
+# these numbers (and the learning rates of ``inner_candidates`` and ``inner_refine``), every
+# other field being part of its structure: passed to a compiled step as an ordinary argument,
+# configurations that differ only in these numbers share one compiled program.
+_TRACED_FIELDS = ("inner_lr", "inner_reg", "norm_bound", "fixed_point_lr", "outer_lr")
+
+
+def _config_flatten(config: IBAUConfig):
+  as_leaf = lambda v: float(v) if isinstance(v, (int, float, np.number)) else v
+  leaves = tuple(as_leaf(getattr(config, f)) for f in _TRACED_FIELDS)
+  candidate_lrs = tuple(as_leaf(c[1]) for c in config.inner_candidates)
+  refine_lr = None if config.inner_refine is None else as_leaf(config.inner_refine[1])
+  aux = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
+              if f.name not in _TRACED_FIELDS + ("inner_candidates", "inner_refine"))
+  aux += (("inner_candidates", tuple((c[0], c[2]) for c in config.inner_candidates)),
+          ("inner_refine", None if config.inner_refine is None
+           else (config.inner_refine[0], config.inner_refine[2])))
+  return (leaves, candidate_lrs, refine_lr), aux
+
+
+def _config_unflatten(aux, children) -> IBAUConfig:
+  (leaves, candidate_lrs, refine_lr), fields = children, dict(aux)
+  fields.update(zip(_TRACED_FIELDS, leaves))
+  fields["inner_candidates"] = tuple((o, lr, p) for (o, p), lr in
+                                     zip(fields["inner_candidates"], candidate_lrs))
+  if fields["inner_refine"] is not None:
+    fields["inner_refine"] = (fields["inner_refine"][0], refine_lr, fields["inner_refine"][1])
+  return _unchecked(IBAUConfig, fields)
+
+
+def _unchecked(cls, fields: Mapping[str, Any]):
+  """An instance of the frozen dataclass ``cls`` without ``__post_init__``'s checks (its
+  numbers may be tracers inside a compiled step)."""
+  out = object.__new__(cls)
+  for name, value in fields.items():
+    object.__setattr__(out, name, value)
+  return out
+
+
+def _with(config: IBAUConfig, **changes) -> IBAUConfig:
+  """``config.replace(**changes)`` without the checks (usable on traced numbers)."""
+  return _unchecked(IBAUConfig, {**{f.name: getattr(config, f.name)
+                                    for f in dataclasses.fields(config)}, **changes})
+
+
+jax.tree_util.register_pytree_node(IBAUConfig, _config_flatten, _config_unflatten)
 
 
 CHECKPOINT_FILE = "ibau.npz"
@@ -513,8 +570,8 @@ def _outer_step(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
 
 def _candidate_configs(config: IBAUConfig) -> list[IBAUConfig]:
   """The main inner solver's config, then one per ``inner_candidates`` entry."""
-  main = config.replace(inner_candidates=(), inner_refine=None)
-  return [main] + [main.replace(inner_optimizer=o, inner_lr=float(lr), inner_projection=p)
+  main = _with(config, inner_candidates=(), inner_refine=None)
+  return [main] + [_with(main, inner_optimizer=o, inner_lr=lr, inner_projection=p)
                    for o, lr, p in config.inner_candidates]
 
 
@@ -523,8 +580,8 @@ def _refine_config(config: IBAUConfig) -> Optional[IBAUConfig]:
   if config.inner_refine is None:
     return None
   o, lr, p = config.inner_refine
-  return config.replace(inner_candidates=(), inner_refine=None, inner_optimizer=o,
-                        inner_lr=float(lr), inner_projection=p)
+  return _with(config, inner_candidates=(), inner_refine=None, inner_optimizer=o,
+               inner_lr=lr, inner_projection=p)
 
 
 def _inner_objective(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, rest: PyTree,
@@ -627,14 +684,14 @@ def _round_scan(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_state
                                                 finite, choice, scores, local)
 
 
-_round_scan_jit = jax.jit(_round_scan, static_argnums=(0, 1, 8))
-_batches_jit = jax.jit(_batches, static_argnums=(0, 4))
+_round_scan_jit = jax.jit(_round_scan, static_argnums=(1, 8))
+_batches_jit = jax.jit(_batches, static_argnums=(4,))
 _take_jit = jax.jit(_take, static_argnums=(3,))
-_inner_objective_jit = jax.jit(_inner_objective, static_argnums=(0, 1))
+_inner_objective_jit = jax.jit(_inner_objective, static_argnums=(1,))
 _select_jit = jax.jit(_select)
-_inner_step_jit = jax.jit(_inner_step, static_argnums=(0, 1))
-_outer_step_jit = jax.jit(_outer_step, static_argnums=(0, 1))
-_project_jit = jax.jit(_project, static_argnums=(1,))
+_inner_step_jit = jax.jit(_inner_step, static_argnums=(1,))
+_outer_step_jit = jax.jit(_outer_step, static_argnums=(1,))
+_project_jit = jax.jit(_project)
 _round_stats_jit = jax.jit(_round_stats)
 
 
@@ -713,6 +770,19 @@ def _compiled_programs() -> int:
 # --------------------------------------------------------------------------------------
 # Input validation
 # --------------------------------------------------------------------------------------
+
+
+# Fields that only :func:`unlearn`'s Python code reads: the compiled steps get them at their
+# defaults, so that calls which differ only there share compiled programs.
+_HOST_ONLY_FIELDS = ("rounds", "select", "average_from", "probe_bounds", "probe_images",
+                     "probe_epochs", "probe_min_share", "loop", "callback", "checkpoint_dir")
+
+
+def _compiled_static(config: IBAUConfig) -> IBAUConfig:
+  """``config`` as the compiled steps get it (its numbers are traced, its structure is part
+  of their cache key)."""
+  return dataclasses.replace(config, **{f: IBAUConfig.__dataclass_fields__[f].default
+                                        for f in _HOST_ONLY_FIELDS})
 
 
 def _validate(apply_fn, variables, images, labels, config) -> int:
@@ -833,7 +903,7 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
     images, labels, params, rest = jax.device_put((images, labels, params, rest), replicated)
   else:
     images, labels = jnp.asarray(images), jnp.asarray(labels)
-  static = dataclasses.replace(config, callback=None)
+  static = _compiled_static(config)
   loop = config.loop
   loop = "scan" if _loops.use_scan(loop) else "python"
   round_fn = _round_scan_jit if loop == "scan" else _round_steps

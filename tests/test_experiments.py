@@ -26,7 +26,7 @@ from _interrupt import interrupt
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A very small smoke configuration: seconds per cell on 2 CPU cores.
 TINY = ["--preset", "smoke", "--no-progress", "--set", "train_size=200",
-        "--set", "clean_size=100", "--set", "eval_size=100", "--set", "model_widths=[4,8,8]",
+        "--set", "clean_size=100", "--set", "eval_size=100", "--set", "model_widths=[4]",
         "--set", "train.epochs=1", "--set", "train.batch_size=50",
         "--set", "ibau.batch_size=50"]
 
@@ -509,7 +509,7 @@ def test_comparison_runs_dp_once_for_all_clean_set_sizes(tmp_path, capsys):
   argv = ["--preset", "smoke", "--attacks", "badnets", "--defenses", "dp",
           "--clean-sizes", "100,50", "--workdir", str(tmp_path / "w"), "--no-progress",
           "--model-dir", str(tmp_path / "models")] + sum(
-              (["--set", s] for s in ["train_size=200", "eval_size=100", "model_widths=[4,8,8]",
+              (["--set", s] for s in ["train_size=200", "eval_size=100", "model_widths=[4]",
                                       "train.epochs=1", "train.batch_size=50", "dp.epochs=1"]),
               [])
   assert compare_defenses.main(argv) == 0

@@ -82,9 +82,10 @@ def _brute_force(config, params, rest, delta, x, y, mask, xin, yin, neumann_k=No
                             mask)
 
   d_flat = delta.reshape(-1)
-  g_d, g_p = jax.grad(l_out, argnums=(0, 1))(d_flat, flat_p)
-  h_dd = np.asarray(jax.hessian(l_in, argnums=0)(d_flat, flat_p), np.float64)
-  h_pd = np.asarray(jax.jacobian(jax.grad(l_in, argnums=0), argnums=1)(d_flat, flat_p),
+  # (Each derivative compiled as one program: op by op it compiles hundreds.)
+  g_d, g_p = jax.jit(jax.grad(l_out, argnums=(0, 1)))(d_flat, flat_p)
+  h_dd = np.asarray(jax.jit(jax.hessian(l_in, argnums=0))(d_flat, flat_p), np.float64)
+  h_pd = np.asarray(jax.jit(jax.jacobian(jax.grad(l_in, argnums=0), argnums=1))(d_flat, flat_p),
                     np.float64)  # shape (δ, θ): ∂_θ ∇_δ L_in
   g_d, g_p = np.asarray(g_d, np.float64), np.asarray(g_p, np.float64)
   if neumann_k is None:
@@ -115,14 +116,15 @@ def test_step_hypergradient_matches_explicit_hessians(solver, iterations):
                                solver_iterations=iterations, solver_tol=1e-12)
   params, rest, delta, x, y, mask, xin, yin = _one_step_inputs()
   logits_fn = lambda p, img: apply_fn({"params": p, **rest}, img)
-  _, grads, residual = ibau.hypergradient(config, logits_fn, params, delta, x, y, mask, xin, yin)
+  _, grads, residual = jax.jit(lambda p: ibau.hypergradient(
+      config, logits_fn, p, delta, x, y, mask, xin, yin))(params)
   expected = _brute_force(config, params, rest, delta, x, y, mask, xin, yin,
                           neumann_k=iterations if solver == "neumann" else None)
   got = np.asarray(ravel_pytree(grads)[0], np.float64)
   np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-5)
   # The implicit term matters: without it the gradient is visibly different.
-  direct = np.asarray(ravel_pytree(jax.grad(
-      lambda p: ibau._outer_loss(config, logits_fn, delta, p, x, y, mask))(params))[0])
+  direct = np.asarray(ravel_pytree(jax.jit(jax.grad(
+      lambda p: ibau._outer_loss(config, logits_fn, delta, p, x, y, mask)))(params))[0])
   assert np.linalg.norm(direct - expected) > 10 * np.linalg.norm(got - expected)
   if solver == "cg":
     assert float(residual) < 1e-3
@@ -140,13 +142,14 @@ def _brute_force_projected(config, params, rest, delta, x, y, mask, xin, yin, ne
                                         y, mask)
   d_flat = delta.reshape(-1)
   eta, bound = config.fixed_point_lr, config.norm_bound
-  z = np.asarray(d_flat - eta * jax.grad(l_in)(d_flat, flat_p), np.float64)
+  z = np.asarray(d_flat - eta * jax.jit(jax.grad(l_in))(d_flat, flat_p), np.float64)
   assert np.linalg.norm(z) > bound, "the test needs the bound to be active"
   z_hat = z / np.linalg.norm(z)
   proj = bound / np.linalg.norm(z) * (np.eye(z.size) - np.outer(z_hat, z_hat))
-  g_d, g_p = (np.asarray(g, np.float64) for g in jax.grad(l_out, argnums=(0, 1))(d_flat, flat_p))
-  h_dd = np.asarray(jax.hessian(l_in, argnums=0)(d_flat, flat_p), np.float64)
-  h_pd = np.asarray(jax.jacobian(jax.grad(l_in, argnums=0), argnums=1)(d_flat, flat_p),
+  g_d, g_p = (np.asarray(g, np.float64)
+              for g in jax.jit(jax.grad(l_out, argnums=(0, 1)))(d_flat, flat_p))
+  h_dd = np.asarray(jax.jit(jax.hessian(l_in, argnums=0))(d_flat, flat_p), np.float64)
+  h_pd = np.asarray(jax.jit(jax.jacobian(jax.grad(l_in, argnums=0), argnums=1))(d_flat, flat_p),
                     np.float64)
   jac_d = proj @ (np.eye(z.size) - eta * h_dd)
   jac_p = proj @ (-eta * h_pd)
@@ -166,7 +169,8 @@ def test_projected_fixed_point_hypergradient_matches_explicit_jacobians(solver, 
                                solver_iterations=iterations, solver_tol=1e-12)
   params, rest, delta, x, y, mask, xin, yin = _one_step_inputs()
   logits_fn = lambda p, img: apply_fn({"params": p, **rest}, img)
-  _, grads, _ = ibau.hypergradient(config, logits_fn, params, delta, x, y, mask, xin, yin)
+  _, grads, _ = jax.jit(lambda p: ibau.hypergradient(
+      config, logits_fn, p, delta, x, y, mask, xin, yin))(params)
   got = np.asarray(ravel_pytree(grads)[0], np.float64)
   k = iterations if solver == "neumann" else None
   expected = _brute_force_projected(config, params, rest, delta, x, y, mask, xin, yin, k)
@@ -265,8 +269,9 @@ def test_an_interrupted_unlearn_resumes_after_its_last_saved_round(select, tmp_p
 def test_second_round_and_second_call_do_not_recompile(loop):
   variables = _variables()
   x, y = _data()
-  # A configuration no other test compiles.
-  config = SMALL.replace(rounds=3, outer_lr=2e-3 if loop == "scan" else 3e-3, loop=loop)
+  # A configuration no other test compiles (its own optax object: numbers alone, being
+  # arguments of the compiled steps, would not make it new).
+  config = SMALL.replace(rounds=3, outer_optimizer=optax.adam(2e-3), loop=loop)
   before = ibau._compiled_programs()
   ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(0))
   after_first = ibau._compiled_programs()
@@ -299,12 +304,38 @@ def test_jit_equals_no_jit(loop):
   variables = _variables()
   x, y = _data(16)
   config = ibau_jax.IBAUConfig(rounds=1, batch_size=8, solver_iterations=2, loop=loop)
-  jitted = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(1))
-  with jax.disable_jit():
-    eager = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(1))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                         jitted.variables, eager.variables)
-  np.testing.assert_allclose(jitted.perturbation, eager.perturbation, rtol=1e-4, atol=1e-5)
+  # The same structure with every number the compiled steps read changed (the candidate's
+  # learning rate too): the numbers are arguments of the compiled programs, not constants.
+  other = config.replace(inner_lr=5.0, inner_reg=0.01, norm_bound=3.0, fixed_point_lr=0.05,
+                         outer_lr=3e-3, inner_candidates=(("normalized", 0.5, "step"),))
+  results = []
+  for c in (config, other):
+    jitted = ibau_jax.unlearn(apply_fn, variables, x, y, c, key=jax.random.PRNGKey(1))
+    with jax.disable_jit():
+      eager = ibau_jax.unlearn(apply_fn, variables, x, y, c, key=jax.random.PRNGKey(1))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                           jitted.variables, eager.variables)
+    np.testing.assert_allclose(jitted.perturbation, eager.perturbation, rtol=1e-4, atol=1e-5)
+    results.append((jitted, ibau._compiled_programs()))
+  (first, count), (second, count_other) = results
+  assert count_other == count  # nothing compiled for the second set of numbers
+  assert float(jnp.abs(first.perturbation - second.perturbation).max()) > 1e-3
+
+
+def test_config_is_a_pytree_of_its_numbers():
+  config = ibau_jax.IBAUConfig(inner_lr=4, norm_bound=None,
+                               inner_refine=("sgd", 0.5, "end"), callback=print)
+  leaves, treedef = jax.tree_util.tree_flatten(config)
+  # inner_lr, inner_reg, fixed_point_lr, outer_lr (norm_bound None is no leaf), the
+  # candidate's and the refine solver's learning rates.
+  assert leaves == [4.0, 1e-3, 0.1, 1e-3, 2.0, 0.5]
+  assert jax.tree_util.tree_unflatten(treedef, leaves) == config
+  doubled = jax.tree_util.tree_map(lambda v: 2 * v, config)
+  assert (doubled.inner_lr, doubled.inner_candidates, doubled.inner_refine) == (
+      8.0, (("normalized", 4.0, "step"),), ("sgd", 1.0, "end"))
+  assert doubled.callback is print and doubled.rounds == config.rounds
+  # Only the numbers are leaves: another structure is another tree.
+  assert jax.tree_util.tree_structure(config.replace(solver="cg")) != treedef
 
 
 def test_official_preset_is_the_papers_code():
@@ -419,23 +450,22 @@ _CHILD = textwrap.dedent("""
     import test_ibau as t
     import ibau_jax
     assert jax.device_count() == 4, jax.devices()
-    one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("batch",))
     variables = t._variables()
     x, y = t._data(24)
-    for loop in ("python", "scan"):
-      config = t.SMALL.replace(loop=loop)
-      a = ibau_jax.unlearn(t.apply_fn, variables, x, y, config, key=jax.random.PRNGKey(5))
-      b = ibau_jax.unlearn(t.apply_fn, variables, x, y, config, key=jax.random.PRNGKey(5),
-                           mesh=one)
+    reference = np.load({reference!r})
+    every = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
+    for loop, mesh in (("python", None), ("scan", every)):  # None: all devices, as `every`
+      a = ibau_jax.unlearn(t.apply_fn, variables, x, y, t.SMALL.replace(loop=loop),
+                           key=jax.random.PRNGKey(5), mesh=mesh)
       leaf = jax.tree_util.tree_leaves(a.variables["params"])[0]
       assert len(leaf.sharding.device_set) == 4, leaf.sharding
-      jax.tree_util.tree_map(
-          lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-5),
-          a.variables, b.variables)
-      for ha, hb in zip(a.history, b.history):
-        for k in ("inner_loss", "outer_loss", "delta_norm"):
-          np.testing.assert_allclose(ha[k], hb[k], rtol=1e-4, atol=1e-6)
-      assert np.abs(np.asarray(a.perturbation) - np.asarray(b.perturbation)).max() < 1e-4
+      leaves = jax.tree_util.tree_leaves(a.variables)
+      for i, leaf in enumerate(leaves):
+        np.testing.assert_allclose(leaf, reference[f"{{loop}}_leaf{{i}}"], rtol=1e-4, atol=1e-5)
+      for k in ("inner_loss", "outer_loss", "delta_norm"):
+        np.testing.assert_allclose([h[k] for h in a.history], reference[f"{{loop}}_{{k}}"],
+                                   rtol=1e-4, atol=1e-6)
+      assert np.abs(np.asarray(a.perturbation) - reference[f"{{loop}}_delta"]).max() < 1e-4
     # Each batch is split: every device holds batch_size / 4 of its images.
     from ibau_jax import ibau
     split = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",)),
@@ -455,10 +485,24 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def test_four_devices_match_one_device():
+def test_four_devices_match_one_device(tmp_path):
+  # The reference: this process, one device, no mesh (both loops).
+  variables = _variables()
+  x, y = _data(24)
+  reference = {}
+  for loop in ("python", "scan"):
+    r = ibau_jax.unlearn(apply_fn, variables, x, y, SMALL.replace(loop=loop),
+                         key=jax.random.PRNGKey(5))
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(r.variables)):
+      reference[f"{loop}_leaf{i}"] = np.asarray(leaf)
+    for k in ("inner_loss", "outer_loss", "delta_norm"):
+      reference[f"{loop}_{k}"] = np.asarray([h[k] for h in r.history])
+    reference[f"{loop}_delta"] = np.asarray(r.perturbation)
+  np.savez(tmp_path / "reference.npz", **reference)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
-  code = _CHILD.format(tests_dir=str(pathlib.Path(__file__).parent))
+  code = _CHILD.format(tests_dir=str(pathlib.Path(__file__).parent),
+                       reference=str(tmp_path / "reference.npz"))
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -546,7 +590,9 @@ def test_outer_lr_decay_scales_round_r_updates_by_gamma_to_the_r(loop):
   plain = ibau_jax.unlearn(apply_fn, variables, x, y, base, key=key)
   decayed = ibau_jax.unlearn(apply_fn, variables, x, y, base.replace(outer_lr_decay=0.5),
                              key=key)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, plain.variables, decayed.variables)
+  # Round 0 is not decayed (two compiled programs: equal up to float rounding).
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
+                         plain.variables, decayed.variables)
   p, rest = variables["params"], {"batch_stats": variables["batch_stats"]}
   opt = optax.sgd(0.1).init(p)
   xb, yb = ibau._batches(base, jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0))

@@ -88,7 +88,7 @@ def test_comparison_adds_rows_for_the_released_models(fake_dirs, tmp_path, capsy
           "--clean-sizes", "100", "--workdir", str(tmp_path / "w"), "--no-progress",
           "--model-dir", str(tmp_path / "models"), "--data-dir", str(data),
           "--official", "badnets_8_02", "--reference-dir", str(ref),
-          "--set", "train_size=200", "--set", "eval_size=100", "--set", "model_widths=[4,8,8]",
+          "--set", "train_size=200", "--set", "eval_size=100", "--set", "model_widths=[4]",
           "--set", "train.epochs=1", "--set", "train.batch_size=50", "--set", "ft.epochs=1"]
   assert compare_defenses.main(argv) == 0
   rows = json.loads((tmp_path / "w" / "comparison.json").read_text())["100"]

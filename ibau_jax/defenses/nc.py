@@ -248,11 +248,13 @@ def _reverse_start(config: NCConfig, apply_fn, regulariser, num_classes: int, sh
   return (weights, jax.vmap(tx.init)(weights), cost, zeros, zeros, best)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _reverse_chunk(config: NCConfig, apply_fn, regulariser: Optional[Regulariser],
-                   num_classes: int, length: int, variables, images, labels, key, carry,
-                   first):
-  """Steps ``first, ..., first + length − 1`` of the reverse engineering, from ``carry``."""
+                   num_classes: int, length, variables, images, labels, key, carry, first):
+  """Steps ``first, ..., first + length − 1`` of the reverse engineering, from ``carry``.
+
+  ``length`` and ``first`` are traced: chunks of any length share one compiled program.
+  """
   n = images.shape[0]
   bsz = config.batch_size
   per_epoch = n // bsz
@@ -299,10 +301,9 @@ def _reverse_chunk(config: NCConfig, apply_fn, regulariser: Optional[Regulariser
     cost = jnp.where(raise_, cost * up_factor, jnp.where(lower, cost / down_factor, cost))
     up = jnp.where(raise_, 0, up)
     down = jnp.where(lower, 0, down)
-    return (wts, opt_state, cost, up, down, best), None
+    return (wts, opt_state, cost, up, down, best)
 
-  carry, _ = jax.lax.scan(step, carry, first + jnp.arange(length))
-  return carry
+  return jax.lax.fori_loop(0, length, lambda i, c: step(c, first + i), carry)
 
 
 def _reverse_result(carry) -> dict:
@@ -328,6 +329,13 @@ def _reverse_static(config: NCConfig) -> NCConfig:
   differ only there share one compiled program."""
   return config.replace(**{f: NCConfig.__dataclass_fields__[f].default
                            for f in _DETECTION_AND_UNLEARNING})
+
+
+def _chunk_static(config: NCConfig) -> NCConfig:
+  """:func:`_reverse_static`, also without the fields only the start reads (``init_cost``)
+  or nothing compiled reads (``steps``): runs that differ there share the chunk's program."""
+  return config.replace(steps=NCConfig.__dataclass_fields__["steps"].default,
+                        init_cost=NCConfig.__dataclass_fields__["init_cost"].default)
 
 
 def _unlearn_static(config: NCConfig) -> NCConfig:
@@ -363,6 +371,7 @@ def reverse_engineer(apply_fn, variables: PyTree, images, labels, config: NCConf
   labels = jnp.asarray(labels, jnp.int32)
   num_classes = _num_classes(apply_fn, variables, images)
   static = _reverse_static(config)
+  chunk_static = _chunk_static(static)
   shape = tuple(images.shape[1:])
   carry = _reverse_start(static, apply_fn, regulariser, num_classes, shape, key)
   step, seconds_before = 0, 0.0
@@ -379,8 +388,8 @@ def reverse_engineer(apply_fn, variables: PyTree, images, labels, config: NCConf
   start = time.perf_counter()
   while step < config.steps:
     length = min(config.log_every, config.steps - step)
-    carry = _reverse_chunk(static, apply_fn, regulariser, num_classes, length, variables,
-                           images, labels, key, carry, jnp.int32(step))
+    carry = _reverse_chunk(chunk_static, apply_fn, regulariser, num_classes, jnp.int32(length),
+                           variables, images, labels, key, carry, jnp.int32(step))
     step += length
     _resume.save(path, digest, step, seconds_before + time.perf_counter() - start, carry)
     if config.progress is not None:
