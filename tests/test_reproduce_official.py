@@ -130,7 +130,8 @@ def test_reproduce_reports_the_returned_variables_with_select_average_and_resume
   import ibau_jax
   from ibau_jax import metrics
   data, ref = fake_dirs
-  overrides = dict(select="average", rounds=2, batch_size=50, inner_candidates=())
+  overrides = dict(select="average", rounds=2, batch_size=50, inner_candidates=(),
+                   solver_iterations=2)  # K = 2: a smaller program to compile
   row = reproduce_official.run_cell("badnets_8_02", "default", 0, data_dir=str(data),
                                     reference_dir=ref, clean_size=100, overrides=overrides)
   clean_x, clean_y, eval_x, eval_y = reproduce_official._split("cifar10", str(data), 100)
