@@ -349,3 +349,20 @@ def test_a_diverging_patching_is_a_clear_error():
   with pytest.raises(ValueError, match=r"^DeepInspect's patching diverged: .* epoch 0; lower "
                                        r"DeepInspectConfig.patch_lr"):
     di.deepinspect(apply_fn, _model(), x, y, config, key=jax.random.PRNGKey(3))
+
+
+@pytest.mark.parametrize("stage", ["model inversion", "trigger generation"])
+def test_a_non_finite_stage_is_a_clear_error(stage):
+  x, y = _clean_set()
+  config = CONFIG.replace(inversion_steps=3, generator_steps=3)
+  variables = _model()
+  if stage == "model inversion":  # a broken model: every output NaN
+    variables = jax.tree_util.tree_map(lambda a: a * np.nan, variables)
+  else:  # perturbations so large that the triggered images overflow
+    config = config.replace(perturbation_scale=1e38)
+  seen = []
+  config = config.replace(callback=lambda s, stats, v: seen.append(stats["name"]))
+  with pytest.raises(ValueError, match=rf"^DeepInspect's {stage} diverged: .*non-finite"):
+    di.deepinspect(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(3))
+  # The stages before the failing one finished; the failing one reported nothing.
+  assert seen == ([] if stage == "model inversion" else ["inversion"])
