@@ -87,3 +87,12 @@ def finite_loss(loss: float, what: str, epoch: int, hint: str, unit: str = "epoc
   if not math.isfinite(loss):
     raise ValueError(f"{what} diverged: its loss became non-finite ({loss}) in {unit} {epoch}; "
                      f"{hint}")
+
+
+def finite_values(values, what: str, hint: str) -> None:
+  """Raises ValueError if any of a finished stage's final losses or statistics ``values`` is
+  NaN or infinite: the stage named ``what`` diverged (``hint`` says what to change)."""
+  values = np.asarray(values, np.float64)
+  if not np.all(np.isfinite(values)):
+    raise ValueError(f"{what} diverged: its final losses or statistics are non-finite "
+                     f"({values.tolist()}); {hint}")

@@ -470,14 +470,6 @@ def _patch_step(config, apply_fn, gen, params, opt_state, rest, gen_params, flag
 # ----------------------------------------------------------------------------------------
 
 
-def _finite_stage(values, stage: str, hint: str) -> None:
-  """Raises ValueError naming ``stage`` if any of its final ``values`` is NaN or infinite."""
-  values = np.asarray(values, np.float64)
-  if not np.all(np.isfinite(values)):
-    raise ValueError(f"DeepInspect's {stage} diverged: its final losses or statistics are "
-                     f"non-finite ({values.tolist()}); {hint}")
-
-
 def deepinspect(apply_fn, variables: PyTree, images, labels,
                 config: DeepInspectConfig = DeepInspectConfig(), *, key: jax.Array):
   """Runs DeepInspect's three stages (module docstring) and patches the model if a class is
@@ -562,8 +554,9 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
     start = time.perf_counter()
     inverted, stats = model_inversion(apply_fn, variables, image_shape, num_classes, config,
                                       key=k_inv)
-    _finite_stage(stats["loss"], "model inversion", "check that the model's outputs are "
-                  "finite, or lower DeepInspectConfig.inversion_lr")
+    _checks.finite_values(stats["loss"], "DeepInspect's model inversion",
+                          "check that the model's outputs are finite, or lower "
+                          "DeepInspectConfig.inversion_lr")
     finish("inversion", start, stats, params, save_state=(1, inverted, None))
   inv_images = inverted.reshape((-1,) + image_shape)
   inv_labels = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), config.inversion_per_class)
@@ -575,8 +568,9 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
                   else inv_images)
     gen_params, stats = train_trigger_generator(apply_fn, variables, substitute, num_classes,
                                                 config, key=k_gen)
-    _finite_stage([stats["final_loss"], *stats["statistic"]], "trigger generation",
-                  "lower DeepInspectConfig.generator_lr or perturbation_scale")
+    _checks.finite_values([stats["final_loss"], *stats["statistic"]],
+                          "DeepInspect's trigger generation",
+                          "lower DeepInspectConfig.generator_lr or perturbation_scale")
     finish("trigger_generation", start, stats, params, save_state=(2, inverted, gen_params))
   stats = history[1]
 
