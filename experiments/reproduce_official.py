@@ -172,7 +172,7 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
         f"ASR {m['asr']:.2%} RA {m['ra']:.2%} |δ| {stats['delta_norm']:.2f} "
         f"residual {stats['residual_mean']:.3g} δ from solver {stats['inner_choice']} "
         f"(locality {', '.join(f'{v:.2f}' for v in stats['candidate_locality'])}) "
-        f"({stats['seconds']:.1f} s)")
+        + _stamp_text(stats) + f"({stats['seconds']:.1f} s)")
 
   config = _config(config_name, overrides).replace(
       callback=callback, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir))
@@ -194,7 +194,17 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
               acc_after=after["acc"], asr_after=after["asr"], ra_after=after["ra"],
               der=metrics.defense_effectiveness_rating(before["acc"], before["asr"],
                                                        after["acc"], after["asr"]),
-              unlearn_seconds=unlearn_seconds, wall_seconds_with_eval=wall, rounds=rounds)
+              unlearn_seconds=unlearn_seconds, wall_seconds_with_eval=wall, rounds=rounds,
+              stamp=result.stamp)
+
+
+def _stamp_text(stats: dict) -> str:
+  """The stamp check of ``IBAUConfig.retries`` in a round's log line ('' without it)."""
+  if "stamp_share" not in stats:
+    return ""
+  shares = [f"{d['stamp_share']:.3f}" for d in stats["retried"]]
+  return (f"stamp share {stats['stamp_share']:.3f}"
+          + (f" (retried after {', '.join(shares)})" if shares else "") + " ")
 
 
 def markdown_table(rows: list[dict]) -> str:

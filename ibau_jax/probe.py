@@ -22,6 +22,15 @@ gradient descent over a set of clean images ``x_1..x_n``:
 :func:`ibau_jax.unlearn` with ``IBAUConfig(select="probe")`` uses them to return the round
 whose model resists the suspect class's probe best (the backdoor can come back in a later
 round; docs/results.md).
+
+A *stamp* is a trigger cut out of a universal perturbation δ (shape ``(H, W, C)``):
+:func:`cut_stamp` keeps the ``k = ⌈share · H · W⌉`` pixel locations ``p`` with the largest
+energy ``Σ_c δ_{p,c}²`` (the mask ``m``, 1 there and 0 elsewhere) and saturates δ's sign
+there (the pattern ``1[δ > 0]``), so that ``stamp(x) = (1 − m) ⊙ x + m ⊙ 1[δ > 0]``: a
+patch like the BadNets trigger, which a δ found on a patch-backdoored model concentrates
+on.  :func:`stamp_share` is the share of images (not already predicted ``t``) that the
+stamp sends to ``t``.  ``IBAUConfig(retries=...)`` uses them to see a round after which
+the backdoor is still fully there (docs/results.md, session 20).
 """
 
 from __future__ import annotations
@@ -115,6 +124,36 @@ def find_suspect(apply_fn: ApplyFn, variables: PyTree, images, *,
     if share >= min_share:
       return dict(target=k, bound=float(bound), share=share)
   return None
+
+
+def cut_stamp(delta, share: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+  """``(mask (H, W, 1), pattern (H, W, C))`` of the stamp cut out of ``delta`` (see the
+  module docstring): the ``⌈share · H · W⌉`` locations of largest ``Σ_c δ²`` (ties: the
+  first in row-major order), pattern ``1[δ > 0]``; both float32 in {0, 1}."""
+  delta = np.asarray(delta, np.float32)
+  if delta.ndim != 3:
+    raise ValueError(f"delta must have shape (H, W, C), got {delta.shape}")
+  if not 0.0 < share <= 1.0:
+    raise ValueError(f"share must be in (0, 1], got {share!r}")
+  energy = np.sum(np.square(delta), axis=-1).ravel()
+  k = max(1, int(np.ceil(share * energy.size)))
+  mask = np.zeros(energy.size, np.float32)
+  mask[np.argsort(-energy, kind="stable")[:k]] = 1.0
+  return mask.reshape(delta.shape[:2] + (1,)), (delta > 0).astype(np.float32)
+
+
+def stamp_share(apply_fn: ApplyFn, variables: PyTree, images, mask, pattern,
+                target: Optional[int] = None, batch_size: int = 100) -> tuple[int, float]:
+  """``(t, s)``: the share ``s`` of ``images`` not predicted ``t`` before that the stamp
+  ``(1 − mask) ⊙ x + mask ⊙ pattern`` sends to ``t``; ``t`` is ``target``, or when None
+  the class the stamped images are predicted as most often."""
+  images = jnp.asarray(images, jnp.float32)
+  before = predict(apply_fn, variables, images, batch_size)
+  stamped = (1.0 - jnp.asarray(mask)) * images + jnp.asarray(mask) * jnp.asarray(pattern)
+  after = predict(apply_fn, variables, stamped, batch_size)
+  if target is None:
+    target = int(np.bincount(after).argmax())
+  return int(target), _share_to(before, after, target)
 
 
 def targeted_success(apply_fn: ApplyFn, variables: PyTree, images, target: int, *,

@@ -265,6 +265,76 @@ def test_an_interrupted_unlearn_resumes_after_its_last_saved_round(select, tmp_p
   assert [v is None for _, _, v in seen] == [False, False, False]
 
 
+def _scripted_stamp(monkeypatch, shares):
+  """Makes the stamp check return ``shares`` in order (the first for the input model, with
+  target 1); returns the list of the targets it was asked about."""
+  calls = []
+
+  def fake(apply_fn_, variables, images, mask, pattern, target=None, batch_size=100):
+    assert mask.shape == (H, W, 1) and pattern.shape == (H, W, 3)
+    assert mask.sum() == np.ceil(ibau.LOCALITY_SHARE * H * W)
+    calls.append(target)
+    return 1, shares[len(calls) - 1]
+
+  monkeypatch.setattr(ibau.probe, "stamp_share", fake)
+  return calls
+
+
+def test_retries_rerun_a_round_the_stamp_check_flags_and_resume(monkeypatch, tmp_path):
+  variables = _variables()
+  x, y = _data()
+  run = lambda c: ibau_jax.unlearn(apply_fn, variables, x, y, c, key=jax.random.PRNGKey(5))
+  plain = run(SMALL)
+  # No round flagged: the rounds are the plain ones, each with its share.
+  calls = _scripted_stamp(monkeypatch, [1.0, 0.1, 0.2])
+  checked = run(SMALL.replace(retries=2))
+  assert calls == [None, 1, 1]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, checked.variables, plain.variables)
+  assert [(h["stamp_share"], h["retried"]) for h in checked.history] == [(0.1, []), (0.2, [])]
+  assert {k: checked.stamp[k] for k in ("target", "share", "active")} == dict(
+      target=1, share=1.0, active=True)
+  # An input model the stamp does not move: nothing is checked.
+  calls = _scripted_stamp(monkeypatch, [0.3])
+  inactive = run(SMALL.replace(retries=2))
+  assert calls == [None] and not inactive.stamp["active"]
+  assert all("stamp_share" not in h for h in inactive.history)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, inactive.variables, plain.variables)
+  # Round 0 flagged once: it runs again with another key; round 1 is flagged with no
+  # retries left, is kept, and the caller is warned.
+  config = SMALL.replace(retries=1)
+  _scripted_stamp(monkeypatch, [1.0, 0.9, 0.1, 0.6])
+  with pytest.warns(UserWarning, match="backdoor is likely still there"):
+    retried = run(config)
+  assert [h["stamp_share"] for h in retried.history] == [0.1, 0.6]
+  assert [[d["stamp_share"] for d in h["retried"]] for h in retried.history] == [[0.9], []]
+  diff = jax.tree_util.tree_map(lambda p, q: float(jnp.max(jnp.abs(p - q))),
+                                retried.variables["params"], plain.variables["params"])
+  assert max(jax.tree_util.tree_leaves(diff)) > 0
+  # Interrupted after round 0 and resumed: the retry already spent is counted.
+  _scripted_stamp(monkeypatch, [1.0, 0.9, 0.1])
+  saved = config.replace(checkpoint_dir=str(tmp_path))
+  interrupt(run, saved, 0)
+  calls = _scripted_stamp(monkeypatch, [1.0, 0.6])
+  with pytest.warns(UserWarning, match="backdoor"):
+    resumed = run(saved)
+  assert calls == [None, 1]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.variables, retried.variables)
+  strip = lambda h: {k: v for k, v in h.items() if k not in (
+      "seconds", "seconds_before", "stamp_seconds", "retried")}
+  assert [strip(h) for h in resumed.history] == [strip(h) for h in retried.history]
+
+
+def test_retries_with_the_real_stamp_check():
+  variables = _variables()
+  x, y = _data()
+  result = ibau_jax.unlearn(apply_fn, variables, x, y, SMALL.replace(retries=1),
+                            key=jax.random.PRNGKey(5))
+  assert set(result.stamp) == {"target", "share", "active", "seconds"}
+  assert 0 <= result.stamp["target"] < CLASSES and 0.0 <= result.stamp["share"] <= 1.0
+  for h in result.history:
+    assert ("stamp_share" in h) == result.stamp["active"]
+
+
 @pytest.mark.parametrize("loop", ["scan", "python"])
 def test_second_round_and_second_call_do_not_recompile(loop):
   variables = _variables()
@@ -272,7 +342,7 @@ def test_second_round_and_second_call_do_not_recompile(loop):
   # A configuration no other test compiles (its own optax object: numbers alone, being
   # arguments of the compiled steps, would not make it new).
   config = SMALL.replace(rounds=3, outer_optimizer=optax.adam(2e-3), loop=loop)
-  before = ibau._compiled_programs()
+  before, rounds_before = ibau._compiled_programs(), ibau._round_scan_jit._cache_size()
   ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(0))
   after_first = ibau._compiled_programs()
   assert after_first > before
@@ -281,8 +351,8 @@ def test_second_round_and_second_call_do_not_recompile(loop):
   ibau_jax.unlearn(apply_fn, _variables(1), x2, y2, config.replace(callback=lambda *a: None),
                    key=jax.random.PRNGKey(9))
   assert ibau._compiled_programs() == after_first
-  if loop == "scan":
-    assert after_first == before + 1  # three rounds, one program
+  if loop == "scan":  # three rounds, one program (the stamp check compiles an inner step)
+    assert ibau._round_scan_jit._cache_size() == rounds_before + 1
 
 
 def test_scan_and_python_loops_give_the_same_result():
@@ -346,6 +416,7 @@ def test_official_preset_is_the_papers_code():
   assert (cfg.perturbed_fraction, cfg.hypergrad_batch, cfg.fixed_point_lr) == (0.01, "first", 0.1)
   assert (cfg.solver, cfg.solver_iterations, cfg.outer_optimizer, cfg.outer_lr) == (
       "neumann", 5, "adam", 1e-3)
+  assert (cfg.inner_candidates, cfg.inner_refine, cfg.retries) == ((), None, 0)
   assert ibau_jax.IBAUConfig.official(rounds=5).rounds == 5
 
 
@@ -394,7 +465,8 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("inner_candidates", (("lbfgs", 1.0, "end"),)), ("inner_candidates", (("sgd", -1.0, "end"),)),
     ("outer_lr_decay", 0.0), ("outer_lr_decay", 1.5),
     ("inner_refine", ("lbfgs", 1.0, "end")), ("inner_refine", ("sgd", 0.0, "step")),
-    ("inner_refine", ("sgd", 1.0)), ("inner_use", "mean"),
+    ("inner_refine", ("sgd", 1.0)), ("inner_use", "mean"), ("retries", -1), ("retries", 1.5),
+    ("retry_share", 0.0), ("retry_share", 1.5),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):

@@ -93,7 +93,7 @@ def _unlearn(select, **kw):
   config = ibau_jax.IBAUConfig(rounds=3, batch_size=50, inner_candidates=(), norm_bound=1.0,
                                outer_lr=0.05, select=select, probe_bounds=(0.25, 0.5, 1.0),
                                probe_images=100, callback=lambda r, s, v: seen.__setitem__(r, v),
-                               **kw)
+                               retries=0, **kw)
   result = ibau_jax.unlearn(apply_fn, linear_model(True), x, y.astype(np.int32), config,
                             key=jax.random.PRNGKey(0))
   return result, seen
@@ -158,3 +158,33 @@ def test_select_average_returns_the_mean_of_the_rounds_parameters():
   for bad in (-1, 3, 1.0):
     with pytest.raises(ValueError, match="average_from"):
       ibau_jax.IBAUConfig(rounds=3, average_from=bad)
+
+
+def test_cut_stamp_keeps_the_locations_of_largest_energy_and_the_sign_of_delta():
+  delta = np.zeros((4, 5, 2), np.float32)
+  delta[1, 2] = [3.0, -1.0]  # energy 10
+  delta[3, 4] = [-2.0, 0.5]  # 4.25
+  delta[0, 0] = [0.0, 1.0]  # 1
+  mask, pattern = probe.cut_stamp(delta, share=0.1)  # ⌈0.1 · 20⌉ = 2 locations
+  expected = np.zeros((4, 5, 1), np.float32)
+  expected[1, 2] = expected[3, 4] = 1.0
+  np.testing.assert_array_equal(mask, expected)
+  np.testing.assert_array_equal(pattern, (delta > 0).astype(np.float32))
+  assert probe.cut_stamp(delta, share=0.15)[0].sum() == 3
+  with pytest.raises(ValueError, match="share"):
+    probe.cut_stamp(delta, share=0.0)
+  with pytest.raises(ValueError, match="shape"):
+    probe.cut_stamp(delta[0])
+
+
+def test_a_stamp_cut_from_the_universal_perturbation_is_the_planted_patch():
+  v, x = linear_model(True), images()
+  delta = probe.universal_perturbation(apply_fn, v, x, bound=2.0, epochs=2)
+  mask, pattern = probe.cut_stamp(delta, share=4 / (H * W))
+  planted = np.zeros((H, W, 1), np.float32)
+  planted[PATCH] = 1.0
+  np.testing.assert_array_equal(mask, planted)
+  np.testing.assert_array_equal(pattern[PATCH], 1.0)
+  assert probe.stamp_share(apply_fn, v, x, mask, pattern) == (2, 1.0)
+  # The clean model ignores the corner: nothing moves to class 2.
+  assert probe.stamp_share(apply_fn, linear_model(False), x, mask, pattern, target=2) == (2, 0.0)
