@@ -72,10 +72,10 @@ def _mask_step(apply_fn, variables, wts, opt_state, x, target, cost):
   return optax.apply_updates(wts, updates), opt_state
 
 
-def mask_probe(apply_fn, variables, images, target, steps=300, cost=1e-2, batch=100) -> dict:
-  """A Neural-Cleanse-style trigger for ``target`` at a FIXED L1 cost: mask + pattern
-  minimising CE(target) + cost * |mask|_1 (Adam 0.1, ``steps`` batches); returns its mask
-  L1 norm and the share of images (not predicted ``target``) it sends to ``target``."""
+def fit_mask(apply_fn, variables, images, target, steps=300, cost=1e-2, batch=100):
+  """A Neural-Cleanse-style trigger for ``target`` at a FIXED L1 cost: (mask (H, W, 1),
+  pattern (H, W, C)) in [0, 1] minimising CE(target) + cost * |mask|_1 (Adam 0.1,
+  ``steps`` batches)."""
   import optax
   h, w, c = images.shape[1:]
   wts = (jnp.full((h, w, 1), -3.0), jnp.zeros((h, w, c)))
@@ -85,7 +85,13 @@ def mask_probe(apply_fn, variables, images, target, steps=300, cost=1e-2, batch=
     i = (s * batch) % (n - batch + 1)
     wts, opt_state = _mask_step(apply_fn, variables, wts, opt_state,
                                 jnp.asarray(images[i:i + batch]), target, cost)
-  mask, pattern = jax.nn.sigmoid(wts[0]), jax.nn.sigmoid(wts[1])
+  return jax.nn.sigmoid(wts[0]), jax.nn.sigmoid(wts[1])
+
+
+def mask_probe(apply_fn, variables, images, target, steps=300, cost=1e-2, batch=100) -> dict:
+  """:func:`fit_mask`'s mask L1 norm and the share of images (not predicted ``target``)
+  its trigger sends to ``target``."""
+  mask, pattern = fit_mask(apply_fn, variables, images, target, steps, cost, batch)
   stamped = np.asarray((1 - mask) * images + mask * pattern)
   before, after = _predict(apply_fn, variables, images), _predict(apply_fn, variables, stamped)
   keep = before != target

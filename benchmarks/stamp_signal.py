@@ -33,7 +33,6 @@ import pathlib
 import sys
 
 import flax.serialization
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,32 +41,21 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import ibau_jax  # noqa: E402
 from ibau_jax import files  # noqa: E402
 from ibau_jax import metrics  # noqa: E402
+from ibau_jax import probe  # noqa: E402
+from benchmarks.round_signals import fit_mask  # noqa: E402
 from benchmarks.trigger_probe import _predict, solve  # noqa: E402
 from experiments import reproduce_official as ro  # noqa: E402
 
 
 def stamp(delta: np.ndarray, k: int):
-  """(mask (H, W, 1), pattern (H, W, C)) of the k locations where δ has most energy."""
-  energy = np.sum(np.square(delta), axis=-1)
-  flat = np.argsort(energy.ravel())[::-1][:k]
-  mask = np.zeros(energy.size, np.float32)
-  mask[flat] = 1.0
-  return mask.reshape(energy.shape + (1,)), (delta > 0).astype(np.float32)
+  """:func:`ibau_jax.probe.cut_stamp` with ``k`` locations."""
+  return probe.cut_stamp(delta, share=k / (delta.shape[0] * delta.shape[1]))
 
 
-def nc_stamp(apply_fn, variables, images, target, steps, cost, batch=100):
+def nc_stamp(apply_fn, variables, images, target, steps, cost):
   """A Neural-Cleanse-style trigger for ``target`` (soft mask, pattern) at a fixed L1 cost."""
-  import optax
-  from benchmarks.round_signals import _mask_step
-  h, w, c = images.shape[1:]
-  wts = (jnp.full((h, w, 1), -3.0), jnp.zeros((h, w, c)))
-  opt_state = optax.adam(0.1).init(wts)
-  n = len(images)
-  for s in range(steps):
-    i = (s * batch) % (n - batch + 1)
-    wts, opt_state = _mask_step(apply_fn, variables, wts, opt_state,
-                                jnp.asarray(images[i:i + batch]), target, cost)
-  return np.asarray(jax.nn.sigmoid(wts[0])), np.asarray(jax.nn.sigmoid(wts[1]))
+  return tuple(np.asarray(a) for a in fit_mask(apply_fn, variables, images, target, steps,
+                                               cost))
 
 
 def main(argv=None) -> int:
