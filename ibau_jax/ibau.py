@@ -959,6 +959,7 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
   loop = "scan" if _loops.use_scan(loop) else "python"
   round_fn = _round_scan_jit if loop == "scan" else _round_steps
   opt_state = _make_optimizer(config.outer_optimizer, config.outer_lr).init(params)
+  input_params = params  # a resumed call replaces params; the stamp is the input model's
   history = []
   delta = jnp.zeros(images.shape[1:], images.dtype)
   suspect, best, total = None, None, None
@@ -988,9 +989,9 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
   stamp = None
   if config.retries > 0:
     start = time.perf_counter()
-    mask, pattern = probe.cut_stamp(_first_inner_solution(static, apply_fn, params, rest,
-                                                          images, labels), LOCALITY_SHARE)
-    target, share = probe.stamp_share(apply_fn, {"params": params, **rest}, probe_x, mask,
+    mask, pattern = probe.cut_stamp(_first_inner_solution(static, apply_fn, input_params,
+                                                          rest, images, labels), LOCALITY_SHARE)
+    target, share = probe.stamp_share(apply_fn, {"params": input_params, **rest}, probe_x, mask,
                                       pattern, batch_size=config.batch_size)
     stamp = dict(target=target, share=share, active=share >= config.retry_share,
                  seconds=time.perf_counter() - start)

@@ -267,14 +267,17 @@ def test_an_interrupted_unlearn_resumes_after_its_last_saved_round(select, tmp_p
 
 def _scripted_stamp(monkeypatch, shares):
   """Makes the stamp check return ``shares`` in order (the first for the input model, with
-  target 1); returns the list of the targets it was asked about."""
-  calls = []
+  target 1); returns the list of the targets it was asked about, with the input model's
+  ``(mask, pattern)`` before its target."""
+  calls, answers = [], iter(shares)
 
   def fake(apply_fn_, variables, images, mask, pattern, target=None, batch_size=100):
     assert mask.shape == (H, W, 1) and pattern.shape == (H, W, 3)
     assert mask.sum() == np.ceil(ibau.LOCALITY_SHARE * H * W)
+    if target is None:  # the input model's check: the stamp itself
+      calls.append((np.asarray(mask), np.asarray(pattern)))
     calls.append(target)
-    return 1, shares[len(calls) - 1]
+    return 1, next(answers)
 
   monkeypatch.setattr(ibau.probe, "stamp_share", fake)
   return calls
@@ -288,6 +291,7 @@ def test_retries_rerun_a_round_the_stamp_check_flags_and_resume(monkeypatch, tmp
   # No round flagged: the rounds are the plain ones, each with its share.
   calls = _scripted_stamp(monkeypatch, [1.0, 0.1, 0.2])
   checked = run(SMALL.replace(retries=2))
+  stamp = calls.pop(0)
   assert calls == [None, 1, 1]
   jax.tree_util.tree_map(np.testing.assert_array_equal, checked.variables, plain.variables)
   assert [(h["stamp_share"], h["retried"]) for h in checked.history] == [(0.1, []), (0.2, [])]
@@ -296,7 +300,7 @@ def test_retries_rerun_a_round_the_stamp_check_flags_and_resume(monkeypatch, tmp
   # An input model the stamp does not move: nothing is checked.
   calls = _scripted_stamp(monkeypatch, [0.3])
   inactive = run(SMALL.replace(retries=2))
-  assert calls == [None] and not inactive.stamp["active"]
+  assert calls[1:] == [None] and not inactive.stamp["active"]
   assert all("stamp_share" not in h for h in inactive.history)
   jax.tree_util.tree_map(np.testing.assert_array_equal, inactive.variables, plain.variables)
   # Round 0 flagged once: it runs again with another key; round 1 is flagged with no
@@ -317,6 +321,10 @@ def test_retries_rerun_a_round_the_stamp_check_flags_and_resume(monkeypatch, tmp
   calls = _scripted_stamp(monkeypatch, [1.0, 0.6])
   with pytest.warns(UserWarning, match="backdoor"):
     resumed = run(saved)
+  # The stamp is cut from the input model, not from the restored round.
+  resumed_stamp = calls.pop(0)
+  for a, b in zip(resumed_stamp, stamp):
+    np.testing.assert_array_equal(a, b)
   assert calls == [None, 1]
   jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.variables, retried.variables)
   strip = lambda h: {k: v for k, v in h.items() if k not in (
