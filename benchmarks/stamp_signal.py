@@ -89,13 +89,11 @@ def main(argv=None) -> int:
   print(f"real trigger: {int(real.sum())} pixels; stamp pixels on it: {overlap}")
 
   def shares(variables, suspect=None):
-    before = _predict(apply_fn, variables, sig_x)
     out = {}
     for k, (mask, pattern) in stamps.items():
-      after = _predict(apply_fn, variables, (1 - mask) * sig_x + mask * pattern)
-      target = suspect[k] if suspect else int(np.bincount(after, minlength=m.classes).argmax())
-      keep = before != target
-      out[k] = dict(target=target, share=float(np.mean(after[keep] == target)))
+      target, share = probe.stamp_share(apply_fn, variables, sig_x, mask, pattern,
+                                        suspect[k] if suspect else None)
+      out[k] = dict(target=target, share=share)
     return out
 
   original = shares(m.variables)
@@ -122,13 +120,10 @@ def main(argv=None) -> int:
                                _predict(apply_fn, v, m.clean_x), 1))
         for k in ks[:len(ks) - ("nc" in stamps)]:
           mask, pattern = stamp(own, k)
-          before = _predict(apply_fn, v, sig_x)
-          after = _predict(apply_fn, v, (1 - mask) * sig_x + mask * pattern)
-          keep = before != suspect[k]
+          top, _ = probe.stamp_share(apply_fn, v, sig_x, mask, pattern)
           row[f"own_k{k}"] = dict(
-              to_suspect=float(np.mean(after[keep] == suspect[k])),
-              top=int(np.bincount(after, minlength=m.classes).argmax()),
-              on_trigger=float(np.sum(mask[..., 0] * real)))
+              to_suspect=probe.stamp_share(apply_fn, v, sig_x, mask, pattern, suspect[k])[1],
+              top=top, on_trigger=float(np.sum(mask[..., 0] * real)))
         print("  own stamp:", {k: v_ for k, v_ in row.items() if k.startswith("own")})
       rows.append(row)
       show(rows[-1])

@@ -56,16 +56,9 @@ def solve(config: ibau_jax.IBAUConfig, apply_fn, variables, images, labels, epoc
   """δ after ``epochs`` passes of ``config``'s inner solver (batches of
   ``config.batch_size``, in order) from ``start`` (default 0), projected on the ball at the
   end."""
-  params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
-  delta = jnp.zeros(images.shape[1:], jnp.float32) if start is None else jnp.asarray(start)
-  state = ibau_lib._inner_tx(config).init(delta)
-  bsz = config.batch_size
-  for _ in range(epochs):
-    for i in range(0, len(images) - bsz + 1, bsz):
-      delta, state, _ = ibau_lib._inner_step_jit(config, apply_fn, params, rest, delta, state,
-                                                 images[i:i + bsz], labels[i:i + bsz])
-  return ibau_lib._project(delta, config.norm_bound)
+  return ibau_lib._inner_pass(config, apply_fn, variables["params"], rest, images, labels,
+                              epochs, start)
 
 
 def main(argv=None) -> int:

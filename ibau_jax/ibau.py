@@ -795,15 +795,18 @@ def _round_steps(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, opt_stat
   return params, opt_state, delta, stats
 
 
-def _first_inner_solution(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree,
-                          rest: PyTree, images: jax.Array, labels: jax.Array) -> jax.Array:
-  """δ of the main inner solver after ``inner_epochs`` passes over the clean set's full
-  batches in order, projected on the ball (for the stamp of ``IBAUConfig.retries``)."""
+def _inner_pass(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, rest: PyTree,
+                images: jax.Array, labels: jax.Array, epochs: int,
+                start: Optional[jax.Array] = None) -> jax.Array:
+  """δ of ``config``'s main inner solver after ``epochs`` passes over the full batches of
+  ``images`` in order, from ``start`` (default 0), projected on the ball (the stamp of
+  ``IBAUConfig.retries``; the benchmarks' one-off inner solutions)."""
   c = _candidate_configs(config)[0]
-  delta = jnp.zeros(images.shape[1:], images.dtype)
+  delta = (jnp.zeros(images.shape[1:], jnp.float32) if start is None
+           else jnp.asarray(start, jnp.float32))
   state = _inner_tx(c).init(delta)
   bsz = config.batch_size
-  for _ in range(config.inner_epochs):
+  for _ in range(epochs):
     for i in range(0, images.shape[0] - bsz + 1, bsz):
       delta, state, _ = _inner_step_jit(c, apply_fn, params, rest, delta, state,
                                         images[i:i + bsz], labels[i:i + bsz])
@@ -989,8 +992,8 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
   stamp = None
   if config.retries > 0:
     start = time.perf_counter()
-    mask, pattern = probe.cut_stamp(_first_inner_solution(static, apply_fn, input_params,
-                                                          rest, images, labels), LOCALITY_SHARE)
+    mask, pattern = probe.cut_stamp(_inner_pass(static, apply_fn, input_params, rest, images,
+                                                labels, config.inner_epochs), LOCALITY_SHARE)
     target, share = probe.stamp_share(apply_fn, {"params": input_params, **rest}, probe_x, mask,
                                       pattern, batch_size=config.batch_size)
     stamp = dict(target=target, share=share, active=share >= config.retry_share,
