@@ -984,7 +984,9 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
         history.append(entry)
         if config.callback is not None:
           config.callback(entry["round"], dict(entry), None)
-  probe_x = np.asarray(images[:max(config.batch_size, config.probe_images)])
+  probe_x = None  # the clean images the probes and the stamp check look at
+  if config.select == "probe" or config.retries > 0:
+    probe_x = np.asarray(images[:max(config.batch_size, config.probe_images)])
   probe_kw = dict(epochs=config.probe_epochs, batch_size=config.batch_size)
   if config.select == "probe" and first == 0:
     suspect = probe.find_suspect(apply_fn, variables, probe_x, bounds=config.probe_bounds,
