@@ -181,10 +181,19 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
                             key=jax.random.PRNGKey(seed))
   unlearn_seconds = sum(h["seconds"] for h in result.history)
   wall = time.perf_counter() - start
-  # The returned variables: the last round's with select="last", not with "probe"/"average".
+  # The returned variables: the last round's with select="last" unless the repair ran, not
+  # with "probe"/"average".
   rounds = records.records
-  after = (rounds[-1] if config.select == "last" and "acc" in rounds[-1]
+  repaired = result.repair is not None and result.repair["active"]
+  after = (rounds[-1] if config.select == "last" and "acc" in rounds[-1] and not repaired
            else evaluate(result.variables))
+  if result.repair is not None:
+    rep = result.repair
+    log(f"[{model_name} {config_name} seed {seed}] repair: window {rep['size']}x{rep['size']} "
+        f"at {tuple(rep['corner'])}, input-model share {rep['input_share']:.3f} -> "
+        + (f"shares {', '.join(f'{v:.3f}' for v in rep['shares'])}; after: ACC "
+           f"{after['acc']:.2%} ASR {after['asr']:.2%} RA {after['ra']:.2%}"
+           if repaired else "inactive") + f" ({rep['seconds']:.1f} s)")
   records.remove()
   return dict(model=model_name, dataset=info["dataset"], attack=info["attack"],
               target=info["target"], config=config_name, seed=seed,
@@ -195,7 +204,7 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
               der=metrics.defense_effectiveness_rating(before["acc"], before["asr"],
                                                        after["acc"], after["asr"]),
               unlearn_seconds=unlearn_seconds, wall_seconds_with_eval=wall, rounds=rounds,
-              stamp=result.stamp)
+              stamp=result.stamp, repair=result.repair)
 
 
 def _stamp_text(stats: dict) -> str:

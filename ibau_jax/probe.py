@@ -147,6 +147,10 @@ def stamp_share(apply_fn: ApplyFn, variables: PyTree, images, mask, pattern,
   """``(t, s)``: the share ``s`` of ``images`` not predicted ``t`` before that the stamp
   ``(1 − mask) ⊙ x + mask ⊙ pattern`` sends to ``t``; ``t`` is ``target``, or when None
   the class the stamped images are predicted as most often."""
+  return _paste_share(apply_fn, variables, images, mask, pattern, target, batch_size)
+
+
+def _paste_share(apply_fn, variables, images, mask, pattern, target, batch_size):
   images = jnp.asarray(images, jnp.float32)
   before = predict(apply_fn, variables, images, batch_size)
   stamped = (1.0 - jnp.asarray(mask)) * images + jnp.asarray(mask) * jnp.asarray(pattern)
@@ -165,3 +169,75 @@ def targeted_success(apply_fn: ApplyFn, variables: PyTree, images, target: int, 
   before = predict(apply_fn, variables, images, batch_size)
   after = predict(apply_fn, variables, jnp.asarray(images) + delta, batch_size)
   return _share_to(before, after, target)
+
+
+def best_window(delta, size: int) -> tuple[int, int]:
+  """Top-left corner ``(i, j)`` of the ``size × size`` window of pixel locations with the
+  largest energy ``Σ_{window} Σ_c δ²`` (ties: the first in row-major order)."""
+  delta = np.asarray(delta, np.float64)
+  if delta.ndim != 3:
+    raise ValueError(f"delta must have shape (H, W, C), got {delta.shape}")
+  h, w = delta.shape[:2]
+  if not 1 <= size <= min(h, w):
+    raise ValueError(f"window size must be in [1, {min(h, w)}], got {size!r}")
+  c = np.pad(np.cumsum(np.cumsum(np.sum(np.square(delta), axis=-1), 0), 1), ((1, 0), (1, 0)))
+  sums = c[size:, size:] - c[:-size, size:] - c[size:, :-size] + c[:-size, :-size]
+  i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
+  return int(i), int(j)
+
+
+def window_mask(shape, corner: tuple[int, int], size: int) -> np.ndarray:
+  """``(H, W, 1)`` float32 mask, 1 on the ``size × size`` window at ``corner``."""
+  mask = np.zeros(tuple(shape[:2]) + (1,), np.float32)
+  mask[corner[0]:corner[0] + size, corner[1]:corner[1] + size] = 1.0
+  return mask
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _window_step(apply_fn: ApplyFn, variables: PyTree, u: jax.Array, moments: PyTree,
+                 count: jax.Array, x: jax.Array, mask: jax.Array, target: jax.Array):
+  """One Adam (lr 0.1) step on ``u`` for ``mean CE(f((1 − m) ⊙ x + m ⊙ sigmoid(u)), t)``."""
+
+  def loss(u):
+    logits = apply_fn(variables, (1.0 - mask) * x + mask * jax.nn.sigmoid(u))
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[:, target])
+
+  g = jax.grad(loss)(u)
+  m, v = moments
+  count = count + 1
+  m = 0.9 * m + 0.1 * g
+  v = 0.999 * v + 0.001 * g * g
+  step = (m / (1 - 0.9 ** count)) / (jnp.sqrt(v / (1 - 0.999 ** count)) + 1e-8)
+  return u - 0.1 * step, (m, v), count
+
+
+def fit_window(apply_fn: ApplyFn, variables: PyTree, images, mask, target: int, *,
+               init=None, steps: int = 150, batch_size: int = 100) -> np.ndarray:
+  """Logits ``u`` of the pattern that, pasted into ``mask``, sends ``images`` to ``target``:
+  ``steps`` Adam steps (lr 0.1) on ``mean CE(f((1 − m) ⊙ x + m ⊙ sigmoid(u)), target)``
+  over consecutive batches of ``images`` (cycling), from ``init`` (default 0: mid-grey).
+  Where the window holds a patch trigger this is the trigger as the model sees it; started
+  from the pattern fitted on an earlier model (``init``), it follows what is left of it."""
+  images = jnp.asarray(images, jnp.float32)
+  n = images.shape[0]
+  bsz = min(batch_size, n)
+  u = (jnp.zeros(images.shape[1:], jnp.float32) if init is None
+       else jnp.asarray(init, jnp.float32))
+  moments = (jnp.zeros_like(u), jnp.zeros_like(u))
+  count = jnp.zeros((), jnp.float32)
+  mask = jnp.asarray(mask, jnp.float32)
+  target = jnp.asarray(target, jnp.int32)
+  starts = list(range(0, n - bsz + 1, bsz))
+  for s in range(steps):
+    i = starts[s % len(starts)]
+    u, moments, count = _window_step(apply_fn, variables, u, moments, count,
+                                     images[i:i + bsz], mask, target)
+  return np.asarray(u)
+
+
+def window_share(apply_fn: ApplyFn, variables: PyTree, images, mask, logits, target: int,
+                 batch_size: int = 100) -> float:
+  """Share of ``images`` not predicted ``target`` that the pattern ``sigmoid(logits)``
+  pasted into ``mask`` (:func:`fit_window`) sends to ``target``."""
+  pattern = jax.nn.sigmoid(jnp.asarray(logits, jnp.float32))
+  return _paste_share(apply_fn, variables, images, mask, pattern, target, batch_size)[1]

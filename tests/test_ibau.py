@@ -201,7 +201,9 @@ def test_unlearn_returns_same_structure_and_passes_other_collections_through():
   variables = _variables()
   x, y = _data()
   seen = []
-  config = SMALL.replace(callback=lambda r, stats, v: seen.append((r, stats, v)))
+  # (No repair: the returned variables are the last round's.)
+  config = SMALL.replace(callback=lambda r, stats, v: seen.append((r, stats, v)),
+                         repair_epochs=0)
   result = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(0))
   assert (jax.tree_util.tree_structure(result.variables)
           == jax.tree_util.tree_structure(variables))
@@ -287,10 +289,11 @@ def test_retries_rerun_a_round_the_stamp_check_flags_and_resume(monkeypatch, tmp
   variables = _variables()
   x, y = _data()
   run = lambda c: ibau_jax.unlearn(apply_fn, variables, x, y, c, key=jax.random.PRNGKey(5))
-  plain = run(SMALL)
+  small = SMALL.replace(repair_epochs=0)  # the rounds only (the repair uses the stamp's target)
+  plain = run(small)
   # No round flagged: the rounds are the plain ones, each with its share.
   calls = _scripted_stamp(monkeypatch, [1.0, 0.1, 0.2])
-  checked = run(SMALL.replace(retries=2))
+  checked = run(small.replace(retries=2))
   stamp = calls.pop(0)
   assert calls == [None, 1, 1]
   jax.tree_util.tree_map(np.testing.assert_array_equal, checked.variables, plain.variables)
@@ -299,13 +302,13 @@ def test_retries_rerun_a_round_the_stamp_check_flags_and_resume(monkeypatch, tmp
       target=1, share=1.0, active=True)
   # An input model the stamp does not move: nothing is checked.
   calls = _scripted_stamp(monkeypatch, [0.3])
-  inactive = run(SMALL.replace(retries=2))
+  inactive = run(small.replace(retries=2))
   assert calls[1:] == [None] and not inactive.stamp["active"]
   assert all("stamp_share" not in h for h in inactive.history)
   jax.tree_util.tree_map(np.testing.assert_array_equal, inactive.variables, plain.variables)
   # Round 0 flagged once: it runs again with another key; round 1 is flagged with no
   # retries left, is kept, and the caller is warned.
-  config = SMALL.replace(retries=1)
+  config = small.replace(retries=1)
   _scripted_stamp(monkeypatch, [1.0, 0.9, 0.1, 0.6])
   with pytest.warns(UserWarning, match="backdoor is likely still there"):
     retried = run(config)
@@ -474,7 +477,9 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("outer_lr_decay", 0.0), ("outer_lr_decay", 1.5),
     ("inner_refine", ("lbfgs", 1.0, "end")), ("inner_refine", ("sgd", 0.0, "step")),
     ("inner_refine", ("sgd", 1.0)), ("inner_use", "mean"), ("retries", -1), ("retries", 1.5),
-    ("retry_share", 0.0), ("retry_share", 1.5),
+    ("retry_share", 0.0), ("retry_share", 1.5), ("repair_epochs", -1), ("repair_epochs", 1.0),
+    ("repair_window", 0), ("repair_fraction", 0.0), ("repair_fraction", 1.5),
+    ("repair_lr", 0.0), ("repair_fit_steps", 0), ("repair_share", 0.0), ("repair_share", 2.0),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
@@ -764,3 +769,30 @@ def test_inner_refine_continues_from_the_main_solvers_delta():
     r = ibau_jax.unlearn(apply_fn, variables, x, y, refined.replace(loop=loop), key=key)
     np.testing.assert_allclose(r.perturbation, want, rtol=1e-5, atol=1e-6)
   assert ibau_jax.IBAUConfig.official().inner_refine is None
+
+
+def test_a_run_interrupted_in_the_repair_resumes_from_its_last_round(monkeypatch, tmp_path):
+  variables = _variables()
+  x, y = _data()
+  config = SMALL.replace(repair_share=0.01, checkpoint_dir=str(tmp_path))
+  run = lambda c: ibau_jax.unlearn(apply_fn, variables, x, y, c, key=jax.random.PRNGKey(5))
+  whole = run(config.replace(checkpoint_dir=None))
+  assert whole.repair["active"]
+  real = ibau._repair
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(ibau, "_repair", killed)
+  with pytest.raises(KeyboardInterrupt):
+    run(config)
+  path = tmp_path / ibau.CHECKPOINT_FILE
+  assert saved_step(path) == SMALL.rounds  # every round saved, the repair not done
+  monkeypatch.setattr(ibau, "_repair", real)
+  resumed = run(config)
+  assert not path.exists()
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.variables, whole.variables)
+  assert resumed.repair["shares"] == whole.repair["shares"]
+  # The repair trains the parameters only.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, whole.variables["batch_stats"],
+                         variables["batch_stats"])

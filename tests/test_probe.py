@@ -93,7 +93,7 @@ def _unlearn(select, **kw):
   config = ibau_jax.IBAUConfig(rounds=3, batch_size=50, inner_candidates=(), norm_bound=1.0,
                                outer_lr=0.05, select=select, probe_bounds=(0.25, 0.5, 1.0),
                                probe_images=100, callback=lambda r, s, v: seen.__setitem__(r, v),
-                               retries=0, **kw)
+                               retries=0, repair_epochs=0, **kw)
   result = ibau_jax.unlearn(apply_fn, linear_model(True), x, y.astype(np.int32), config,
                             key=jax.random.PRNGKey(0))
   return result, seen
@@ -188,3 +188,77 @@ def test_a_stamp_cut_from_the_universal_perturbation_is_the_planted_patch():
   assert probe.stamp_share(apply_fn, v, x, mask, pattern) == (2, 1.0)
   # The clean model ignores the corner: nothing moves to class 2.
   assert probe.stamp_share(apply_fn, linear_model(False), x, mask, pattern, target=2) == (2, 0.0)
+
+
+def test_best_window_is_the_window_of_largest_energy_first_in_row_major_order():
+  rng = np.random.default_rng(0)
+  delta = rng.normal(size=(7, 9, 2))
+  energy = np.sum(delta ** 2, axis=-1)
+  for size in (1, 3, 7):
+    sums = {(i, j): energy[i:i + size, j:j + size].sum()
+            for i in range(7 - size + 1) for j in range(9 - size + 1)}
+    assert probe.best_window(delta, size) == max(sums, key=sums.get)
+  ties = np.zeros((5, 5, 1))
+  ties[2, 2] = 1.0  # every 3x3 window holding (2, 2) ties: the first one wins
+  assert probe.best_window(ties, 3) == (0, 0)
+  mask = probe.window_mask(ties.shape, (1, 2), 3)
+  assert mask.shape == (5, 5, 1) and mask.sum() == 9 and mask[1:4, 2:5].all()
+  with pytest.raises(ValueError, match="window size"):
+    probe.best_window(delta, 8)
+  with pytest.raises(ValueError, match="shape"):
+    probe.best_window(delta[0], 2)
+
+
+def test_a_pattern_fitted_in_the_window_of_the_patch_is_the_trigger():
+  x = images()
+  mask = probe.window_mask((H, W), (6, 6), 2)
+  v = linear_model(True)
+  # From a dark pattern, which the backdoor ignores, the patch's pixels turn bright.
+  dark = np.full((H, W, 1), -4.0, np.float32)
+  assert probe.window_share(apply_fn, v, x, mask, dark, 2) == 0.0
+  logits = probe.fit_window(apply_fn, v, x, mask, 2, init=dark, steps=50, batch_size=50)
+  assert np.all(1 / (1 + np.exp(-logits[PATCH])) > 0.25)  # from 0.018
+  np.testing.assert_array_equal(logits[mask[..., 0] == 0], -4.0)  # outside: untouched
+  assert probe.window_share(apply_fn, v, x, mask, logits, 2) == 1.0
+  # The clean model does not read the corner: no pattern there moves an image.
+  clean = linear_model(False)
+  logits = probe.fit_window(apply_fn, clean, x, mask, 2, steps=50, batch_size=50)
+  assert probe.window_share(apply_fn, clean, x, mask, logits, 2) == 0.0
+
+
+def _repaired(backdoor, **kw):
+  import ibau_jax
+  x, y = images(200), (np.arange(200) % CLASSES).astype(np.int32)
+  # Rounds that barely move the model, so that what the repair does is what is measured.
+  config = ibau_jax.IBAUConfig(**{**dict(
+      rounds=1, batch_size=50, inner_candidates=(), norm_bound=1.0, outer_lr=1e-4, retries=0,
+      probe_images=100, repair_window=2, repair_lr=1.0, repair_fraction=0.5,
+      repair_fit_steps=50), **kw})
+  result = ibau_jax.unlearn(apply_fn, linear_model(backdoor), x, y, config,
+                            key=jax.random.PRNGKey(0))
+  planted = np.zeros((H, W, 1), np.float32)
+  planted[PATCH] = 1.0
+  return result, probe.stamp_share(apply_fn, result.variables, x, planted, planted, target=2)[1]
+
+
+def test_the_repair_finds_the_planted_patch_and_unlearns_it():
+  plain, plain_share = _repaired(True, repair_epochs=0)
+  assert plain.repair is None and plain_share == 1.0  # the rounds left the backdoor
+  result, share = _repaired(True, repair_epochs=3)
+  rep = result.repair
+  assert (rep["target"], rep["corner"], rep["size"]) == (2, [6, 6], 2)
+  assert rep["active"] and rep["input_share"] == 1.0
+  assert len(rep["shares"]) == 4 and len(rep["losses"]) == 3
+  assert rep["shares"][0] == 1.0 and rep["shares"][-1] == 0.0
+  assert share == 0.0  # the real patch no longer works
+  strip = lambda h: {k: v for k, v in h.items() if k != "seconds"}
+  assert [strip(h) for h in result.history] == [strip(h) for h in plain.history]
+  # On the clean model the window pattern moves nothing: no pass runs, the rounds' variables
+  # are returned.
+  clean, _ = _repaired(False, repair_epochs=3)
+  clean_plain, _ = _repaired(False, repair_epochs=0)
+  assert not clean.repair["active"] and clean.repair["shares"] == []
+  jax.tree_util.tree_map(np.testing.assert_array_equal, clean.variables, clean_plain.variables)
+  # A window larger than the images is the whole image.
+  whole, _ = _repaired(True, repair_epochs=1, repair_window=20)
+  assert (whole.repair["size"], whole.repair["corner"]) == (H, [0, 0])
