@@ -31,6 +31,15 @@ patch like the BadNets trigger, which a δ found on a patch-backdoored model con
 on.  :func:`stamp_share` is the share of images (not already predicted ``t``) that the
 stamp sends to ``t``.  ``IBAUConfig(retries=...)`` uses them to see a round after which
 the backdoor is still fully there (docs/results.md, session 20).
+
+A *window* is a square of pixel locations, again chosen from δ (:func:`best_window`: the
+``w × w`` square of largest energy).  :func:`fit_window` fits a pattern
+``p = sigmoid(u)`` pasted into it, ``x' = (1 − m) ⊙ x + m ⊙ p``, that sends clean images to
+a class ``t`` (``min_u mean CE(f(x'), t)``, Adam), and :func:`window_share` is the share of
+images (not already predicted ``t``) it sends there.  Started from the pattern fitted on the
+model before unlearning, the fit follows what is left of a patch trigger after a round that
+removed most of it, where the stamp and universal perturbations no longer see it
+(docs/results.md, session 21); ``IBAUConfig(repair_epochs=...)`` unlearns that pattern.
 """
 
 from __future__ import annotations
