@@ -384,7 +384,9 @@ def test_scan_and_python_loops_give_the_same_result():
 def test_jit_equals_no_jit(loop):
   variables = _variables()
   x, y = _data(16)
-  config = ibau_jax.IBAUConfig(rounds=1, batch_size=8, solver_iterations=2, loop=loop)
+  # The rounds' compiled steps (the repair after them is left out: op by op it is slow).
+  config = ibau_jax.IBAUConfig(rounds=1, batch_size=8, solver_iterations=2, loop=loop,
+                               repair_epochs=0)
   # The same structure with every number the compiled steps read changed (the candidate's
   # learning rate too): the numbers are arguments of the compiled programs, not constants.
   other = config.replace(inner_lr=5.0, inner_reg=0.01, norm_bound=3.0, fixed_point_lr=0.05,

@@ -130,8 +130,10 @@ def test_reproduce_reports_the_returned_variables_with_select_average_and_resume
   import ibau_jax
   from ibau_jax import metrics
   data, ref = fake_dirs
+  # K = 2: a smaller program to compile; a short repair that runs (the row's numbers are
+  # those of the repaired variables).
   overrides = dict(select="average", rounds=2, batch_size=50, inner_candidates=(),
-                   solver_iterations=2)  # K = 2: a smaller program to compile
+                   solver_iterations=2, repair_epochs=1, repair_fit_steps=5, repair_share=0.01)
   row = reproduce_official.run_cell("badnets_8_02", "default", 0, data_dir=str(data),
                                     reference_dir=ref, clean_size=100, overrides=overrides)
   clean_x, clean_y, eval_x, eval_y = reproduce_official._split("cifar10", str(data), 100)
@@ -143,7 +145,7 @@ def test_reproduce_reports_the_returned_variables_with_select_average_and_resume
   expected = metrics.evaluate(model.apply, result.variables, eval_x, eval_y, attack.apply, 8)
   assert [float(row[k + "_after"]) for k in ("acc", "asr", "ra")] == \
       [float(expected[k]) for k in ("acc", "asr", "ra")]
-  assert len(row["rounds"]) == 2
+  assert len(row["rounds"]) == 2 and row["repair"]["active"]
 
   # Killed after round 0 (saved and evaluated), the cell resumes with round 1 and ends with
   # the same numbers (the average too: its running sum is part of the checkpoint).
