@@ -569,12 +569,14 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   steps = getattr(dconfig, "rounds", None) or getattr(dconfig, "epochs", 1)
   bar = _bar(steps, desc, progress)
   if progress and "progress" in fields:
-    # A long inner stage (Neural Cleanse's reverse engineering) gets a bar of its own.
+    # A long inner stage (Neural Cleanse's reverse engineering, I-BAU's repair) gets a bar of
+    # its own.
     inner = {}
 
     def show(done, total):
       if "bar" not in inner:
-        inner["bar"] = _bar(total, f"{desc} (steps)", True)
+        inner["bar"] = _bar(total, f"{desc} ({'repair' if defense == 'ibau' else 'steps'})",
+                            True)
       inner["bar"].update(done - inner["bar"].n)
       if done >= total:
         inner.pop("bar").close()

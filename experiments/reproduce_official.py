@@ -110,14 +110,17 @@ def _tuples(value):
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+_HOOKS = ("callback", "progress")  # IBAUConfig's functions, not settings
+
+
 def _parse_overrides(items: list[str]) -> dict:
   fields = {f.name: f for f in dataclasses.fields(ibau_jax.IBAUConfig)}
   out = {}
   for item in items:
     key, sep, value = item.partition("=")
-    if not sep or key not in fields or key == "callback":
+    if not sep or key not in fields or key in _HOOKS:
       raise SystemExit(f"--set expects FIELD=VALUE with FIELD one of "
-                       f"{sorted(k for k in fields if k != 'callback')}; got {item!r}")
+                       f"{sorted(k for k in fields if k not in _HOOKS)}; got {item!r}")
     try:  # numbers, true/false, null, lists; anything else is a string (e.g. solver=cg)
       out[key] = _tuples(json.loads(value))
     except json.JSONDecodeError:
@@ -129,7 +132,7 @@ def _fields(config: ibau_jax.IBAUConfig) -> dict:
   """The settings a row records and is compared by (not the callback or the checkpoint
   folder, which do not change the result)."""
   return {k: v for k, v in dataclasses.asdict(config).items()
-          if k not in ("callback", "checkpoint_dir") and not callable(v)}
+          if k not in _HOOKS + ("checkpoint_dir",) and not callable(v)}
 
 
 def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
@@ -174,8 +177,12 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
         f"(locality {', '.join(f'{v:.2f}' for v in stats['candidate_locality'])}) "
         + _stamp_text(stats) + f"({stats['seconds']:.1f} s)")
 
+  def progress(done, total):
+    if done < total:
+      log(f"[{model_name} {config_name} seed {seed}] repair: step {done}/{total} done")
+
   config = _config(config_name, overrides).replace(
-      callback=callback, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir))
+      callback=callback, progress=progress, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir))
   start = time.perf_counter()
   result = ibau_jax.unlearn(model.apply, variables, clean_x, clean_y, config,
                             key=jax.random.PRNGKey(seed))

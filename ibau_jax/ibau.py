@@ -217,6 +217,11 @@ class IBAUConfig:
       display or ACC/ASR tracking; its return value is ignored.  Rounds restored from a
       checkpoint are replayed first with ``variables=None`` (their variables are not kept)
       and ``stats["seconds_before"]`` (their seconds in the interrupted run).
+    progress: ``progress(done, total)`` during the repair (``repair_epochs > 0``), which
+      takes a few rounds' time after the last round: ``total = 2 · repair_epochs + 2``
+      steps (the check's fit, then a fit and a pass per pass, then the last fit);
+      ``done`` jumps to ``total`` when the check finds no pattern.  Its return value is
+      ignored.
     checkpoint_dir: a folder in which the state after every round (parameters, optimizer
       state, δ, the history, and what ``select`` keeps) is saved (``ibau.npz``, written
       atomically); a call given the same folder, inputs, key and settings resumes after the
@@ -271,6 +276,7 @@ class IBAUConfig:
   repair_fit_steps: int = 150
   repair_share: float = 0.5
   callback: Optional[RoundCallback] = dataclasses.field(default=None, compare=False)
+  progress: Optional[Callable[[int, int], Any]] = dataclasses.field(default=None, compare=False)
   checkpoint_dir: Optional[str] = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
@@ -367,6 +373,8 @@ class IBAUConfig:
     _loops.check("IBAUConfig", self.loop)
     if self.callback is not None and not callable(self.callback):
       raise ValueError("IBAUConfig.callback must be callable or None")
+    if self.progress is not None and not callable(self.progress):
+      raise ValueError("IBAUConfig.progress must be callable or None")
     _resume.check_folder("IBAUConfig", self.checkpoint_dir)
 
   @classmethod
@@ -885,7 +893,7 @@ _HOST_ONLY_FIELDS = ("rounds", "select", "average_from", "probe_bounds", "probe_
                      "probe_epochs", "probe_min_share", "retries", "retry_share", "repair_epochs",
                      "repair_window", "repair_fraction", "repair_lr", "repair_fit_steps",
                      "repair_share", "loop",
-                     "callback", "checkpoint_dir")
+                     "callback", "progress", "checkpoint_dir")
 
 
 def _compiled_static(config: IBAUConfig) -> IBAUConfig:
@@ -989,7 +997,10 @@ def _repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, input_params:
   def share(p, u):
     return probe.window_share(apply_fn, {"params": p, **rest}, probe_x, mask, u, target, bsz)
 
+  total = 2 * config.repair_epochs + 2
+  report = config.progress if config.progress is not None else (lambda done, total: None)
   u = fit({"params": input_params, **rest})
+  report(1, total)
   info = dict(target=int(target), corner=list(corner), size=size,
               input_share=share(input_params, u), shares=[], losses=[])
   info["active"] = info["input_share"] >= config.repair_share
@@ -1001,6 +1012,7 @@ def _repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, input_params:
     for epoch in range(config.repair_epochs):
       u = fit({"params": params, **rest}, init=u)
       info["shares"].append(share(params, u))
+      report(2 + 2 * epoch, total)
       order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, _REPAIR_KEY),
                                                         epoch), n)
       pattern = jax.nn.sigmoid(jnp.asarray(u))
@@ -1015,8 +1027,10 @@ def _repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, input_params:
         raise NonFiniteHypergradientError(
             f"the parameters became non-finite in repair pass {epoch}; the input variables "
             "are unchanged. Try a smaller IBAUConfig.repair_lr.")
+      report(3 + 2 * epoch, total)
     u = fit({"params": params, **rest}, init=u)
     info["shares"].append(share(params, u))
+  report(total, total)
   info["seconds"] = time.perf_counter() - start
   return params, info
 
@@ -1058,7 +1072,8 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
   path = _resume.path(config.checkpoint_dir, CHECKPOINT_FILE)
   digest = ""
   if path is not None:
-    digest = _resume.fingerprint(dataclasses.replace(config, callback=None, checkpoint_dir=None),
+    digest = _resume.fingerprint(dataclasses.replace(config, callback=None, progress=None,
+                                                     checkpoint_dir=None),
                                  arrays=(variables, images, labels, key))
   if mesh is None and jax.device_count() > 1:
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))

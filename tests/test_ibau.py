@@ -482,6 +482,7 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("retry_share", 0.0), ("retry_share", 1.5), ("repair_epochs", -1), ("repair_epochs", 1.0),
     ("repair_window", 0), ("repair_fraction", 0.0), ("repair_fraction", 1.5),
     ("repair_lr", 0.0), ("repair_fit_steps", 0), ("repair_share", 0.0), ("repair_share", 2.0),
+    ("callback", 3), ("progress", "bar"),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
@@ -791,7 +792,9 @@ def test_a_run_interrupted_in_the_repair_resumes_from_its_last_round(monkeypatch
   path = tmp_path / ibau.CHECKPOINT_FILE
   assert saved_step(path) == SMALL.rounds  # every round saved, the repair not done
   monkeypatch.setattr(ibau, "_repair", real)
-  resumed = run(config)
+  steps = []  # a progress hook does not change the run's fingerprint
+  resumed = run(config.replace(progress=lambda done, total: steps.append(done)))
+  assert steps == [1, 2, 3, 4, 5, 6]
   assert not path.exists()
   jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.variables, whole.variables)
   assert resumed.repair["shares"] == whole.repair["shares"]

@@ -244,7 +244,11 @@ def _repaired(backdoor, **kw):
 def test_the_repair_finds_the_planted_patch_and_unlearns_it():
   plain, plain_share = _repaired(True, repair_epochs=0)
   assert plain.repair is None and plain_share == 1.0  # the rounds left the backdoor
-  result, share = _repaired(True, repair_epochs=3)
+  calls = []
+  result, share = _repaired(True, repair_epochs=3,
+                            progress=lambda done, total: calls.append((done, total)))
+  # The check's fit, a fit and a pass per pass, the last fit: 2 * 3 + 2 steps.
+  assert calls == [(i, 8) for i in range(1, 9)]
   rep = result.repair
   assert (rep["target"], rep["corner"], rep["size"]) == (2, [6, 6], 2)
   assert rep["active"] and rep["input_share"] == 1.0
@@ -255,10 +259,26 @@ def test_the_repair_finds_the_planted_patch_and_unlearns_it():
   assert [strip(h) for h in result.history] == [strip(h) for h in plain.history]
   # On the clean model the window pattern moves nothing: no pass runs, the rounds' variables
   # are returned.
-  clean, _ = _repaired(False, repair_epochs=3)
+  calls.clear()
+  clean, _ = _repaired(False, repair_epochs=3,
+                       progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(1, 8), (8, 8)]  # the check, then done
   clean_plain, _ = _repaired(False, repair_epochs=0)
   assert not clean.repair["active"] and clean.repair["shares"] == []
   jax.tree_util.tree_map(np.testing.assert_array_equal, clean.variables, clean_plain.variables)
   # A window larger than the images is the whole image.
   whole, _ = _repaired(True, repair_epochs=1, repair_window=20)
   assert (whole.repair["size"], whole.repair["corner"]) == (H, [0, 0])
+
+
+def test_a_repair_pass_that_makes_the_parameters_non_finite_raises(monkeypatch):
+  from ibau_jax import ibau
+  real = ibau._repair_step
+
+  def poisoned(*args):
+    params, state, loss = real(*args)
+    return jax.tree_util.tree_map(lambda p: p * jnp.nan, params), state, loss
+
+  monkeypatch.setattr(ibau, "_repair_step", poisoned)
+  with pytest.raises(ibau.NonFiniteHypergradientError, match="repair pass 0"):
+    _repaired(True, repair_epochs=2)
