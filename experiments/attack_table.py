@@ -62,19 +62,23 @@ def table(cells: Sequence[dict]) -> tuple[list[dict], str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.attack_table",
                                    description=__doc__.split("\n\n")[0])
-  parser.add_argument("--dataset", default="cifar10", choices=sorted(pipeline.DATASETS))
-  parser.add_argument("--preset", default="cpu", choices=pipeline.PRESETS)
+  parser.add_argument("--dataset", default="cifar10", choices=sorted(pipeline.DATASETS),
+                      help="default: cifar10")
+  parser.add_argument("--preset", default="cpu", choices=pipeline.PRESETS,
+                      help="training preset, as in experiments.cifar10 (default: cpu)")
   parser.add_argument("--attacks", default=",".join(ATTACKS),
                       help="comma-separated attacks (default: all rows, clean first)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed of the poisoning and the training (default: 0)")
+  parser.add_argument("--data-dir", default=None,
+                      help="folder with the .npz arrays (default: $IBAU_DATA_DIR)")
   parser.add_argument("--workdir", default=None,
                       help="default: runs/attack_table_<dataset>_<preset>")
   parser.add_argument("--model-dir", default=None,
                       help="default: runs/models_<dataset>_<preset>")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field, as in experiments.cifar10 --set")
-  parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
   sweep = argparse.Namespace(attack=args.attacks, defense="none", seeds=str(args.seed),
                              preset=args.preset, set=args.set)

@@ -45,9 +45,9 @@ from ibau_jax import files
 
 DEFAULT_ATTACKS = ("badnets", "blend", "trojan_wm", "wanet", "sig")
 
-# Defenses that do not use the defender's clean set (DP-SGD retrains on the poisoned
-# training set): their cells are the same for every clean-set size, so they run once.
-NO_CLEAN_SET = ("dp",)
+# Defenses that do not use the defender's clean set: their cells are the same for every
+# clean-set size, so they run once.
+NO_CLEAN_SET = pipeline.NO_CLEAN_SET
 
 
 def share_cells(source: pathlib.Path, dest: pathlib.Path, defenses: Sequence[str]) -> list[str]:

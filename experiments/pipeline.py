@@ -62,6 +62,9 @@ def defense_names() -> list[str]:
   return first + [n for n in names if n not in first] + ["none"]
 
 DATASETS = {"cifar10": 10, "gtsrb": 43}
+# Defenses that do not train on the defender's clean set (DP-SGD retrains on the poisoned
+# training set).
+NO_CLEAN_SET = ("dp",)
 # Attack names of the experiments: the registry's plus the all-to-all BadNets and a clean
 # model ("clean": no poisoning; ASR is then that of the BadNets trigger on a clean model).
 EXTRA_ATTACKS = ("badnets_all_to_all", "clean")
@@ -196,6 +199,17 @@ class ExperimentConfig:
                          f"(ibau and ft have their own fields); choose from "
                          f"{[n for n in known if n not in ('ibau', 'ft', 'none')]}")
       self.defense_config(name)
+
+  def check_clean_batches(self) -> None:
+    """``ValueError`` unless one batch of every listed defense that trains on the clean set
+    fits in it (checked by :func:`run` before any model is trained)."""
+    for name in self.defenses:
+      size = getattr(self.defense_config(name), "batch_size", None) \
+          if name not in ("none",) + NO_CLEAN_SET else None
+      if size is not None and size > self.clean_size:
+        raise ValueError(f"clean_size={self.clean_size} is smaller than one batch of {name} "
+                         f"({size}); raise clean_size or set {name}.batch_size to at most "
+                         f"{self.clean_size}")
 
   def train_config(self):
     from ibau_jax import train as train_lib
@@ -909,6 +923,7 @@ def _run(config: ExperimentConfig, workdir: pathlib.Path, *, data_dir: Optional[
          log: Callable[[str], None], progress: bool,
          model_dir: Optional[str | os.PathLike]) -> list[dict]:
   model_dir = pathlib.Path(model_dir) if model_dir is not None else workdir / "models"
+  config.check_clean_batches()  # now, not after training the models
   check_workdir(config, workdir)
   # Reports and cells are written by this process alone (the lock above; model folders,
   # which other sweeps may share, are locked and cleaned by the training that resumes them).
@@ -997,16 +1012,15 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
 def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog=f"python -m experiments.{dataset}",
-      description=f"Train backdoored models on {dataset}, defend them, report ACC/ASR/RA. "
-                  + __doc__.split("\n\n")[1],
+      description=f"Train backdoored models on {dataset}, defend them, report ACC/ASR/RA.\n\n"
+                  + "\n\n".join(__doc__.split("\n\n")[1:3]),
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="Attacks: " + ", ".join(attack_names()) + ". Defenses: "
              + ", ".join(defense_names())
              + ".\nExample: --attack badnets,blend --seeds 0,1 --set ibau.rounds=5 "
              "--set train.epochs=3")
   parser.add_argument("--attack", default=None,
-                      help="attack name, comma-separated names, or 'all' (default: the "
-                           "preset's)")
+                      help="attack name, comma-separated names, or 'all' (default: badnets)")
   parser.add_argument("--defense", default=None,
                       help="defense name(s), comma-separated, or 'all' (default: ibau)")
   parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0)")

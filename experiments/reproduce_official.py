@@ -53,8 +53,20 @@ MODELS = ("badnets_8_02", "gtsrbbadnets_8_02", "gtsrbl0_inv_0_02")
 CONFIGS = ("official", "default")
 
 
+def _clean_size_limit(dataset: str, data_dir: str) -> int:
+  """The largest clean set of ``dataset``: CIFAR-10's training set (the clean set is its
+  last images), GTSRB's test set less one evaluation image."""
+  if dataset == "cifar10":
+    return len(data_lib.load("cifar10", "train", data_dir=data_dir, download=False))
+  return len(data_lib.load("gtsrb", "test", data_dir=data_dir, download=False)) - 1
+
+
 def _split(dataset: str, data_dir: str, clean_size: int):
   """Returns ``(clean_x, clean_y, eval_x, eval_y)`` as float32 images and int32 labels."""
+  if isinstance(clean_size, bool) or not isinstance(clean_size, (int, np.integer)) \
+      or not 1 <= clean_size <= _clean_size_limit(dataset, data_dir):
+    raise ValueError(f"clean_size must be an integer in [1, "
+                     f"{_clean_size_limit(dataset, data_dir)}] for {dataset}, got {clean_size!r}")
   if dataset == "cifar10":
     train = data_lib.load("cifar10", "train", data_dir=data_dir, download=False)
     test = data_lib.load("cifar10", "test", data_dir=data_dir, download=False)
@@ -110,7 +122,8 @@ def _tuples(value):
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-_HOOKS = ("callback", "progress")  # IBAUConfig's functions, not settings
+# IBAUConfig's functions and the checkpoint folder (set per cell): not settings.
+_NOT_SETTINGS = ("callback", "progress", "checkpoint_dir")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -118,9 +131,9 @@ def _parse_overrides(items: list[str]) -> dict:
   out = {}
   for item in items:
     key, sep, value = item.partition("=")
-    if not sep or key not in fields or key in _HOOKS:
+    if not sep or key not in fields or key in _NOT_SETTINGS:
       raise SystemExit(f"--set expects FIELD=VALUE with FIELD one of "
-                       f"{sorted(k for k in fields if k not in _HOOKS)}; got {item!r}")
+                       f"{sorted(k for k in fields if k not in _NOT_SETTINGS)}; got {item!r}")
     try:  # numbers, true/false, null, lists; anything else is a string (e.g. solver=cg)
       out[key] = _tuples(json.loads(value))
     except json.JSONDecodeError:
@@ -132,7 +145,7 @@ def _fields(config: ibau_jax.IBAUConfig) -> dict:
   """The settings a row records and is compared by (not the callback or the checkpoint
   folder, which do not change the result)."""
   return {k: v for k, v in dataclasses.asdict(config).items()
-          if k not in _HOOKS + ("checkpoint_dir",) and not callable(v)}
+          if k not in _NOT_SETTINGS and not callable(v)}
 
 
 def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
@@ -285,24 +298,40 @@ def _run_cells(parser, cells, configs, args, reference_dir, overrides, out) -> l
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+  parser = argparse.ArgumentParser(prog="python -m experiments.reproduce_official",
+                                   description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split("\n\n", 1)[1])
   parser.add_argument("--data-dir", default=os.environ.get(data_lib.DATA_DIR_ENV),
                       help=f"folder of the .npz arrays (default: ${data_lib.DATA_DIR_ENV})")
   parser.add_argument("--reference-dir", required=True,
                       help="folder with the official models, models.json, mask.npy, l0_inv.png")
-  parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
+  parser.add_argument("--models", default=",".join(MODELS),
+                      help=f"comma-separated model names (default: all: {','.join(MODELS)})")
   parser.add_argument("--configs", default=",".join(CONFIGS),
-                      help="comma-separated: official, default")
-  parser.add_argument("--seeds", default="0", help="comma-separated integer seeds")
+                      help="comma-separated, from: official (the paper's code), default "
+                           "(IBAUConfig()) (default: both)")
+  parser.add_argument("--seeds", default="0",
+                      help="comma-separated non-negative integer seeds (default: 0)")
   parser.add_argument("--official-seeds", default=None,
                       help="seeds for the official config (default: the first of --seeds)")
-  parser.add_argument("--clean-size", type=int, default=5000)
+  parser.add_argument("--clean-size", type=int, default=5000,
+                      help="the defender's clean images (default: 5000)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override an IBAUConfig field of the default config, e.g. rounds=2")
-  parser.add_argument("--out", default="runs/reproduce_official", help="output folder")
+                      help="override an IBAUConfig field of the default config, e.g. rounds=2 "
+                           "(values are JSON; repeat for several fields)")
+  parser.add_argument("--out", default="runs/reproduce_official",
+                      help="output folder (default: runs/reproduce_official)")
   args = parser.parse_args(argv)
+
+  def seed_list(text, flag):
+    try:
+      values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+      values = None
+    if not values or any(v < 0 for v in values):
+      parser.error(f"{flag} must be comma-separated non-negative integers, got {text!r}")
+    return values
 
   if not args.data_dir or not pathlib.Path(args.data_dir).is_dir():
     parser.error(f"--data-dir {args.data_dir!r} is not a folder (or set "
@@ -318,10 +347,25 @@ def main(argv=None) -> int:
   for c in configs:
     if c not in CONFIGS:
       parser.error(f"unknown config {c!r}; choose from {CONFIGS}")
-  seeds = [int(s) for s in args.seeds.split(",") if s]
-  official_seeds = ([int(s) for s in args.official_seeds.split(",")] if args.official_seeds
-                    else seeds[:1])
+  seeds = seed_list(args.seeds, "--seeds")
+  official_seeds = (seed_list(args.official_seeds, "--official-seeds")
+                    if args.official_seeds is not None else seeds[:1])
   overrides = _parse_overrides(args.set)
+  try:
+    _config("default", overrides)
+  except (TypeError, ValueError) as e:
+    parser.error(f"--set: {e}")
+  if args.clean_size < 1:
+    parser.error(f"--clean-size must be a positive integer, got {args.clean_size}")
+  models_json = json.loads((reference_dir / "models.json").read_text())
+  missing = [m for m in models if m not in models_json]
+  if missing:
+    parser.error(f"{reference_dir / 'models.json'} does not describe {missing}")
+  for dataset in sorted({models_json[m]["dataset"] for m in models}):
+    limit = _clean_size_limit(dataset, args.data_dir)
+    if args.clean_size > limit:
+      parser.error(f"--clean-size {args.clean_size} exceeds the {limit} images {dataset} "
+                   "has for it")
 
   out = pathlib.Path(args.out)
   cells = [(m, c, s) for s in seeds for m in models for c in configs

@@ -116,6 +116,18 @@ def test_bad_names_are_clear_command_line_errors(args, message, capsys, tmp_path
   assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--set", "clean_size=10"], "clean_size=10 is smaller than one batch of ibau (50)"),
+    (["--defense", "ft,dp", "--set", "clean_size=100"], "one batch of ft (128)"),
+])
+def test_a_clean_set_smaller_than_a_batch_is_refused_before_training(args, message, capsys,
+                                                                      tmp_path):
+  assert cifar10.main(TINY + args + ["--workdir", str(tmp_path / "w"), "--model-dir",
+                                     str(tmp_path / "m")]) == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "m").exists()  # no model was trained
+
+
 def test_unknown_preset_is_refused(capsys):
   with pytest.raises(SystemExit):
     cifar10.main(["--preset", "huge"])

@@ -68,7 +68,7 @@ def test_reproduce_runs_writes_results_and_resumes(fake_dirs, tmp_path, capsys):
   assert "different configuration" in capsys.readouterr().err
 
 
-def test_reproduce_rejects_bad_arguments(fake_dirs, tmp_path):
+def test_reproduce_rejects_bad_arguments(fake_dirs, tmp_path, capsys):
   data, ref = fake_dirs
   base = ["--reference-dir", str(ref), "--out", str(tmp_path / "o")]
   with pytest.raises(SystemExit):
@@ -79,6 +79,19 @@ def test_reproduce_rejects_bad_arguments(fake_dirs, tmp_path):
     reproduce_official.main(base + ["--data-dir", str(data), "--configs", "fast"])
   with pytest.raises(SystemExit):
     reproduce_official.main(base + ["--data-dir", str(data), "--set", "nonsense=1"])
+  # One-line usage errors before any work, not tracebacks from inside a cell.
+  for bad, message in ((["--seeds", "x"], "--seeds must be"),
+                       (["--official-seeds", "1,y"], "--official-seeds must be"),
+                       (["--seeds", "-1"], "--seeds must be"),
+                       (["--set", "rounds=0"], "IBAUConfig.rounds"),
+                       (["--set", "checkpoint_dir=\"/tmp/x\""], "--set expects"),
+                       (["--clean-size", "0"], "--clean-size must be"),
+                       (["--clean-size", "1000000"], "exceeds")):
+    with pytest.raises(SystemExit) as e:
+      reproduce_official.main(base + ["--data-dir", str(data), "--models", "badnets_8_02"]
+                              + bad)
+    assert e.value.code != 0
+    assert message in capsys.readouterr().err + str(e.value.code), bad
 
 
 def test_comparison_adds_rows_for_the_released_models(fake_dirs, tmp_path, capsys):
