@@ -103,5 +103,30 @@ def to_json(obj: Any) -> str:
 
 
 def check_folder(cls_name: str, value) -> None:
-  if value is not None and not isinstance(value, (str, os.PathLike)):
+  """Checks a config's ``checkpoint_dir``: None, or a path that is a folder or can be made
+  one (neither it nor any folder above it is an existing file).
+
+  Args:
+    cls_name: the config's class name, for the message.
+    value: the ``checkpoint_dir`` field.
+
+  Raises:
+    ValueError: if ``value`` is neither None nor a path, or names (or lies under) an
+      existing file.
+  """
+  if value is None:
+    return
+  if not isinstance(value, (str, os.PathLike)):
     raise ValueError(f"{cls_name}.checkpoint_dir must be a path or None, got {value!r}")
+  folder = pathlib.Path(value)
+  for candidate in (folder, *folder.parents):
+    try:
+      if not candidate.exists():
+        continue
+      is_dir = candidate.is_dir()
+    except OSError:  # unreadable: leave it to the first write to report
+      return
+    if not is_dir:
+      raise ValueError(f"{cls_name}.checkpoint_dir must be a folder (or a path where one can "
+                       f"be made), got {value!r}: {str(candidate)!r} is an existing file")
+    return

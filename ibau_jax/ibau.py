@@ -66,11 +66,20 @@ class NonFiniteHypergradientError(FloatingPointError):
   """The hypergradient became NaN or infinite; the caller's variables are untouched."""
 
 
+def _is_number(value, integer: bool = False) -> bool:
+  """``value`` is a real number: a Python or NumPy int or float (not a bool, a string or an
+  array), finite; an integer if ``integer``."""
+  if isinstance(value, (bool, np.bool_)):
+    return False
+  if integer:
+    return isinstance(value, (int, np.integer))
+  return isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+
+
 def _valid_solver(c) -> bool:
   """``c`` is an ``(inner_optimizer, inner_lr, inner_projection)`` tuple."""
   return (isinstance(c, tuple) and len(c) == 3 and c[0] in ("sgd", "adam", "normalized")
-          and not isinstance(c[1], bool) and isinstance(c[1], (int, float)) and c[1] > 0
-          and math.isfinite(c[1]) and c[2] in ("end", "step"))
+          and _is_number(c[1]) and c[1] > 0 and c[2] in ("end", "step"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,54 +289,49 @@ class IBAUConfig:
   checkpoint_dir: Optional[str] = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
-    def positive(name, integer):
+    def number(name: str, *, integer: bool = False, minimum: float = 0,
+               strict: bool = True, maximum: Optional[float] = None) -> None:
+      """Raises unless field ``name`` is a real number (:func:`_is_number`) above
+      ``minimum`` (or equal to it unless ``strict``) and at most ``maximum``."""
       value = getattr(self, name)
-      ok = isinstance(value, (int, np.integer)) if integer else isinstance(
-          value, (int, float, np.integer, np.floating))
-      if isinstance(value, bool) or not ok or not value > 0 or not math.isfinite(value):
-        kind = "a positive integer" if integer else "a positive finite number"
-        raise ValueError(f"IBAUConfig.{name} must be {kind}, got {value!r}")
+      ok = _is_number(value, integer) and (value > minimum if strict else value >= minimum) \
+          and (maximum is None or value <= maximum)
+      if not ok:
+        kind = "an integer" if integer else "a finite number"
+        if maximum is not None:
+          where = f"in {'(' if strict else '['}{minimum}, {maximum}]"
+        else:
+          where = f"{'>' if strict else '>='} {minimum}"
+        raise ValueError(f"IBAUConfig.{name} must be {kind} {where}, got {value!r}")
 
-    for name in ("rounds", "batch_size", "inner_epochs", "probe_images", "probe_epochs"):
-      positive(name, True)
-    for name in ("repair_window", "repair_fit_steps"):
-      positive(name, True)
-    positive("repair_lr", False)
-    if isinstance(self.repair_epochs, bool) or not isinstance(
-        self.repair_epochs, (int, np.integer)) or self.repair_epochs < 0:
-      raise ValueError(f"IBAUConfig.repair_epochs must be an integer >= 0, "
-                       f"got {self.repair_epochs!r}")
-    for name in ("repair_fraction", "repair_share"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"IBAUConfig.{name} must be in (0, 1], got {value!r}")
-    if isinstance(self.retries, bool) or not isinstance(
-        self.retries, (int, np.integer)) or self.retries < 0:
-      raise ValueError(f"IBAUConfig.retries must be an integer >= 0, got {self.retries!r}")
-    if isinstance(self.retry_share, bool) or not isinstance(
-        self.retry_share, (int, float)) or not 0.0 < self.retry_share <= 1.0:
-      raise ValueError(f"IBAUConfig.retry_share must be in (0, 1], got {self.retry_share!r}")
+    for name in ("shuffle", "pseudo_labels", "clamp"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise ValueError(f"IBAUConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    for name in ("rounds", "batch_size", "inner_epochs", "probe_images", "probe_epochs",
+                 "repair_window", "repair_fit_steps"):
+      number(name, integer=True)
+    for name in ("repair_epochs", "retries", "solver_iterations"):
+      number(name, integer=True, strict=False)
+    for name in ("inner_lr", "fixed_point_lr", "outer_lr", "repair_lr"):
+      number(name)
+    for name in ("inner_reg", "solver_tol"):
+      number(name, strict=False)
+    for name in ("perturbed_fraction", "outer_lr_decay", "probe_min_share", "retry_share",
+                 "repair_fraction", "repair_share"):
+      number(name, maximum=1)
+    if self.norm_bound is not None and not (_is_number(self.norm_bound) and self.norm_bound > 0):
+      raise ValueError(f"IBAUConfig.norm_bound must be a finite number > 0 or None, "
+                       f"got {self.norm_bound!r}")
     if self.select not in ("last", "average", "probe"):
       raise ValueError(f"IBAUConfig.select must be 'last', 'average' or 'probe', "
                        f"got {self.select!r}")
-    if isinstance(self.average_from, bool) or not isinstance(
-        self.average_from, (int, np.integer)) or not 0 <= self.average_from < self.rounds:
+    if not _is_number(self.average_from, integer=True) or not 0 <= self.average_from < self.rounds:
       raise ValueError(f"IBAUConfig.average_from must be an integer in [0, rounds), "
                        f"got {self.average_from!r}")
     if not isinstance(self.probe_bounds, tuple) or not self.probe_bounds or any(
-        isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0
-        or not math.isfinite(b) for b in self.probe_bounds):
+        not _is_number(b) or not b > 0 for b in self.probe_bounds):
       raise ValueError("IBAUConfig.probe_bounds must be a non-empty tuple of positive radii, "
                        f"got {self.probe_bounds!r}")
-    if isinstance(self.probe_min_share, bool) or not isinstance(
-        self.probe_min_share, (int, float)) or not 0.0 < self.probe_min_share <= 1.0:
-      raise ValueError(f"IBAUConfig.probe_min_share must be in (0, 1], "
-                       f"got {self.probe_min_share!r}")
-    for name in ("inner_lr", "fixed_point_lr", "outer_lr"):
-      positive(name, False)
-    if not isinstance(self.solver_iterations, (int, np.integer)) or self.solver_iterations < 0:
-      raise ValueError(f"IBAUConfig.solver_iterations must be an integer >= 0, "
-                       f"got {self.solver_iterations!r}")
     if self.solver not in hypergrad.SOLVERS:
       raise ValueError(f"IBAUConfig.solver must be one of {hypergrad.SOLVERS}, got {self.solver!r}")
     if self.solver != "neumann" and self.solver_iterations < 1:
@@ -346,11 +350,12 @@ class IBAUConfig:
         not _valid_solver(c) for c in self.inner_candidates):
       raise ValueError("IBAUConfig.inner_candidates must be a tuple of (optimizer, lr, "
                        "projection) tuples with optimizer in ('sgd', 'adam', 'normalized'), "
-                       f"lr > 0 and projection in ('end', 'step'); got {self.inner_candidates!r}")
+                       "lr a finite number > 0 and projection in ('end', 'step'); "
+                       f"got {self.inner_candidates!r}")
     if self.inner_refine is not None and not _valid_solver(self.inner_refine):
       raise ValueError("IBAUConfig.inner_refine must be None or an (optimizer, lr, projection) "
-                       "tuple with optimizer in ('sgd', 'adam', 'normalized'), lr > 0 and "
-                       f"projection in ('end', 'step'); got {self.inner_refine!r}")
+                       "tuple with optimizer in ('sgd', 'adam', 'normalized'), lr a finite "
+                       f"number > 0 and projection in ('end', 'step'); got {self.inner_refine!r}")
     if self.inner_use not in ("best", "all"):
       raise ValueError(f"IBAUConfig.inner_use must be 'best' or 'all', got {self.inner_use!r}")
     if self.inner_projection not in ("end", "step"):
@@ -359,17 +364,6 @@ class IBAUConfig:
     if self.fixed_point not in ("gradient", "projected"):
       raise ValueError(f"IBAUConfig.fixed_point must be 'gradient' or 'projected', "
                        f"got {self.fixed_point!r}")
-    if isinstance(self.outer_lr_decay, bool) or not isinstance(
-        self.outer_lr_decay, (int, float)) or not 0.0 < self.outer_lr_decay <= 1.0:
-      raise ValueError(f"IBAUConfig.outer_lr_decay must be in (0, 1], "
-                       f"got {self.outer_lr_decay!r}")
-    if not 0.0 < float(self.perturbed_fraction) <= 1.0:
-      raise ValueError(f"IBAUConfig.perturbed_fraction must be in (0, 1], "
-                       f"got {self.perturbed_fraction!r}")
-    if not float(self.inner_reg) >= 0.0:
-      raise ValueError(f"IBAUConfig.inner_reg must be >= 0, got {self.inner_reg!r}")
-    if self.norm_bound is not None and not float(self.norm_bound) > 0.0:
-      raise ValueError(f"IBAUConfig.norm_bound must be positive or None, got {self.norm_bound!r}")
     _loops.check("IBAUConfig", self.loop)
     if self.callback is not None and not callable(self.callback):
       raise ValueError("IBAUConfig.callback must be callable or None")
@@ -907,7 +901,25 @@ def _validate(apply_fn, variables, images, labels, config) -> int:
   """Checks the inputs of :func:`unlearn`; returns the number of classes."""
   if not isinstance(config, IBAUConfig):
     raise ValueError(f"config must be an IBAUConfig, got {type(config).__name__}")
-  return validate_clean_set(apply_fn, variables, images, labels, config.batch_size)
+  num_classes = validate_clean_set(apply_fn, variables, images, labels, config.batch_size)
+  _check_finite_variables(variables)
+  return num_classes
+
+
+def _check_finite_variables(variables: PyTree) -> None:
+  """Raises a ``ValueError`` naming the first floating leaf of ``variables`` (in tree
+  order) that holds a NaN or an infinity; one pass over the leaves on the host."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    if isinstance(leaf, (float, complex)):
+      leaf = np.asarray(leaf)
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+      continue
+    bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
+    if bad:
+      raise ValueError(f"variables{jax.tree_util.keystr(path)} contains NaN or infinite values "
+                       f"({bad} of {np.size(leaf)}); unlearning needs a model with finite "
+                       "parameters and statistics")
 
 
 def validate_clean_set(apply_fn, variables, images, labels, batch_size: int) -> int:

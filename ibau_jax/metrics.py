@@ -7,6 +7,13 @@ image ``i`` is ``pred_i = argmax_k logits[i, k]`` (ties go to the lowest class, 
 target label (one class for all-to-one attacks, per image for all-to-all ones),
 ``T(x)`` the triggered version of ``x``.  All rates are fractions in [0, 1].
 
+Inputs are checked on the host, outside the compiled evaluation (``ValueError`` naming the
+problem): images as :func:`ibau_jax.unlearn` takes them (:func:`check_images`: rank 4,
+floating point, finite, in [0, 1]) and labels as integer class ids ``>= 0`` before any
+evaluation; a model that fails on the first batch (a Flax scope error: NCHW images, a
+missing ``batch_stats`` collection) is reported as such; labels ``>= K`` once the logits
+show ``K``.
+
 * ACC (clean accuracy) ``= |{i : pred(x_i) = y_i}| / N`` over clean images.
 * ASR (attack success rate) ``= |{i in S : pred(T(x_i)) = t_i}| / |S|`` with
   ``S = {i : y_i != t_i}``: images whose true label already is the target are
@@ -34,6 +41,7 @@ import functools
 import inspect
 from typing import Any, Callable, Optional
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,14 +101,47 @@ def _predict_batch(key: _Key, variables: Any, images: jnp.ndarray
   return jnp.argmax(logits, axis=-1), logits
 
 
-def _check_images(images: Any, name: str = "images") -> np.ndarray | jax.Array:
-  if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+def looks_nchw(shape: tuple[int, ...]) -> bool:
+  """Whether a rank-4 image shape looks channels-first: ``shape[1]`` in (1, 3) and
+  ``shape[-1]`` not in (1, 3) (e.g. ``(N, 3, 32, 32)``)."""
+  return len(shape) == 4 and shape[1] in (1, 3) and shape[-1] not in (1, 3)
+
+
+def check_images(images: Any, name: str = "images") -> np.ndarray | jax.Array:
+  """Checks that ``images`` is a batch of pixels: rank 4 ``(N, H, W, C)``, floating point,
+  finite and in [0, 1] (the rules of :func:`ibau_jax.unlearn`).
+
+  Runs on the host for numpy input and as two reductions (min, max) on the device for a
+  ``jax.Array``; NaN and infinities show up in those extremes.
+
+  Args:
+    images: array-like of shape (N, H, W, C).
+    name: the argument's name in the error messages.
+
+  Returns:
+    ``images`` unchanged (a ``jax.Array`` stays one; anything else becomes a numpy array).
+
+  Raises:
+    ValueError: naming ``name``, for any other rank, a non-floating dtype (e.g. uint8
+      pixels 0..255), NaN or infinite values, or values outside [0, 1].
+  """
+  if not isinstance(images, (np.ndarray, jax.Array)):
     images = np.asarray(images)
-  if images.ndim < 2:
-    raise ValueError(f"{name} must be a batch (N, ...), got shape {images.shape}")
+  if images.ndim != 4:
+    raise ValueError(f"{name} must have rank 4 (N, H, W, C); got shape {images.shape}")
   if not jnp.issubdtype(images.dtype, jnp.floating):
-    raise ValueError(f"{name} must be floating point (pixels in [0, 1]), got dtype "
-                     f"{images.dtype}; convert uint8 with x.astype(np.float32) / 255")
+    raise ValueError(f"{name} must be floating point in [0, 1]; got dtype {images.dtype} "
+                     "(for uint8 pixels, convert with x.astype(np.float32) / 255)")
+  if images.size:
+    xp = jnp if isinstance(images, jax.Array) else np
+    lo, hi = float(xp.min(images)), float(xp.max(images))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+      raise ValueError(f"{name} contain NaN or infinite values")
+    if lo < 0.0 or hi > 1.0:
+      hint = (" (0..255 pixels? divide by 255)" if hi > 1.0 and lo >= 0.0 else
+              " (the models and attacks take raw pixels: normalise inside the model)")
+      raise ValueError(f"{name} must lie in [0, 1]; got values in [{lo:.4g}, {hi:.4g}]"
+                       + hint)
   return images
 
 
@@ -129,6 +170,25 @@ def _check_label_range(labels: np.ndarray, num_classes: int, name: str) -> None:
                      f"number of logits), got maximum {labels.max()}")
 
 
+def _first_batch(key: _Key, variables: Any, batch: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """:func:`_predict_batch` on the first batch, where a model that does not fit the images
+  or the variables fails while tracing: its Flax scope error (a parameter of another shape,
+  a missing collection such as ``batch_stats``) or ``TypeError`` becomes a ``ValueError``
+  that says so, with the original message appended."""
+  try:
+    return _predict_batch(key, variables, batch)
+  except (flax.errors.FlaxError, TypeError) as e:
+    hint = ""
+    if looks_nchw(tuple(batch.shape)):
+      hint = (" (the images look channels-first, NCHW; models take NHWC (N, H, W, C): "
+              "use images.transpose(0, 2, 3, 1))")
+    elif isinstance(e, flax.errors.ScopeCollectionNotFound):
+      hint = (" (variables lack a collection the model reads, e.g. the 'batch_stats' of "
+              "its BatchNorm layers: pass all of the model's variables, not only 'params')")
+    raise ValueError(f"apply_fn(variables, images) failed on a batch of shape "
+                     f"{tuple(batch.shape)}{hint}: {type(e).__name__}: {e}") from e
+
+
 def _run(apply_fn: ApplyFn, variables: Any, images: Any, batch_size: int,
          trigger_fn: Optional[TriggerFn] = None) -> tuple[np.ndarray, int]:
   """Predictions ``(N,)`` and the number of classes ``K`` (``-1`` when ``N = 0``)."""
@@ -153,7 +213,10 @@ def _run(apply_fn: ApplyFn, variables: Any, images: Any, batch_size: int,
         batch = jnp.pad(batch, pad, mode="edge")
       else:
         batch = np.pad(batch, pad, mode="edge")
-    pred, logits = _predict_batch(key, variables, batch)
+    if start == 0:
+      pred, logits = _first_batch(key, variables, batch)
+    else:
+      pred, logits = _predict_batch(key, variables, batch)
     if logits.ndim != 2 or logits.shape[0] != size:
       raise ValueError(f"apply_fn must return logits of shape ({size}, K) for a "
                        f"batch of {size}, got {logits.shape}")
@@ -169,14 +232,14 @@ def predict(apply_fn: ApplyFn, variables: Any, images: Any, *,
   Runs in batches of ``min(batch_size, N)``; the last batch is padded and the
   padding dropped, so one compiled shape serves the whole set.
   """
-  images = _check_images(images)
+  images = check_images(images)
   return _run(apply_fn, variables, images, batch_size)[0]
 
 
 def accuracy(apply_fn: ApplyFn, variables: Any, images: Any, labels: Any, *,
              batch_size: int = 500) -> float:
   """ACC: fraction of ``images`` whose argmax logit equals ``labels``."""
-  images = _check_images(images)
+  images = check_images(images)
   n = int(images.shape[0])
   labels = _check_labels(labels, n, "labels")
   if n == 0:
@@ -210,7 +273,7 @@ def _triggered_predictions(apply_fn: ApplyFn, variables: Any, triggered_images: 
                            trigger_fn: Optional[TriggerFn] = None
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Predictions on the non-target images, with their true and target labels."""
-  images = _check_images(triggered_images, "triggered_images")
+  images = check_images(triggered_images, "triggered_images")
   keep, true_labels, target_labels = _non_target(true_labels, target_labels,
                                                  int(images.shape[0]))
   index = np.flatnonzero(keep)

@@ -50,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ibau_jax import _prng
 from ibau_jax import files
 from ibau_jax import models
+from ibau_jax.metrics import check_images, looks_nchw
 
 PyTree = Any
 EpochCallback = Callable[[int, Mapping[str, float]], Any]
@@ -481,6 +482,32 @@ def _mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("batch",))
 
 
+def _init_state(model: nn.Module, config: TrainConfig, input_shape: tuple[int, ...],
+                key: jax.Array, steps_per_epoch: int) -> TrainState:
+  """:func:`create_train_state`, with a model that cannot be initialised on
+  ``(1, *input_shape)`` reported as a ``ValueError`` (the original error appended)."""
+  try:
+    return create_train_state(model, config, input_shape, key=key,
+                              steps_per_epoch=steps_per_epoch)
+  except ValueError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"model.init failed on images of shape {(1,) + tuple(input_shape)} "
+                     f"(fit expects NHWC images (N, H, W, C) that the model takes): "
+                     f"{type(e).__name__}: {e}") from e
+
+
+def _num_classes(state: TrainState, input_shape: tuple[int, ...]) -> int:
+  """``C`` of the model's ``(1, C)`` logits on one image, by ``jax.eval_shape`` (traced,
+  not run)."""
+  out = jax.eval_shape(functools.partial(state.model.apply, train=False), state.variables,
+                       jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32))
+  if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != 1:
+    raise ValueError(f"the model must return logits of shape (N, num_classes); got {out} "
+                     f"for one image of shape {tuple(input_shape)}")
+  return int(out.shape[1])
+
+
 def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
         key: Optional[jax.Array] = None, eval_fn: Optional[EvalFn] = None,
         callback: Optional[EpochCallback] = None,
@@ -502,9 +529,11 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
   ``"cosine"`` schedule, changing ``epochs`` changes the schedule's horizon.
 
   Args:
-    model: Flax module called as ``model(x, train=bool)``.
-    images: (N, H, W, C) array.
-    labels: (N,) integer array.
+    model: Flax module called as ``model(x, train=bool)``, returning ``(N, C)`` logits.
+    images: (N, H, W, C) floating-point pixels, finite and in [0, 1] (uint8 images:
+      :func:`ibau_jax.data.to_float`); channels-first shapes (``shape[1]`` in (1, 3),
+      ``shape[-1]`` not) are refused as NCHW.
+    labels: (N,) integer array with values in [0, C).
     config: training configuration.
     key: PRNG key; default ``jax.random.PRNGKey(config.seed)``.
     eval_fn: ``eval_fn(variables) -> dict`` of metrics, called every ``config.eval_every``
@@ -521,13 +550,19 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
   Returns:
     ``(variables, history)``: ``{"params", "batch_stats"?}`` and one dict per epoch trained
     by this call (``epoch``, mean train ``loss`` and ``accuracy``, eval metrics).
+
+  Raises:
+    ValueError: before any training step, for inputs that break the rules above (checked
+      once on the host), a model whose ``init`` fails on the image shape, or a bad config,
+      ``augment_mask``, ``mesh`` or checkpoint directory.
   """
   if not isinstance(config, TrainConfig):
     raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-  images = np.asarray(images)
+  images = check_images(np.asarray(images))
+  if looks_nchw(images.shape):
+    raise ValueError(f"images look channels-first (NCHW), shape {images.shape}; fit expects "
+                     "NHWC (N, H, W, C): use images.transpose(0, 2, 3, 1)")
   labels = np.asarray(labels)
-  if images.ndim != 4:
-    raise ValueError(f"images must have shape (N, H, W, C), got {images.shape}")
   if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be integers of shape ({images.shape[0]},), "
                      f"got {labels.dtype} {labels.shape}")
@@ -554,8 +589,11 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
   if key is None:
     key = jax.random.PRNGKey(config.seed)
   init_key, shuffle_key, step_key = jax.random.split(key, 3)
-  state = create_train_state(model, config, images.shape[1:], key=init_key,
-                             steps_per_epoch=steps_per_epoch)
+  state = _init_state(model, config, images.shape[1:], init_key, steps_per_epoch)
+  num_classes = _num_classes(state, images.shape[1:])
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} "
+                     f"outputs; got values in [{labels.min()}, {labels.max()}]")
   start_epoch = 0
   ckpt_dir = None
   if checkpoint_dir is not None:

@@ -12,6 +12,7 @@ import pytest
 
 from ibau_jax.attacks import (MultiTarget, assign, attack_names, get_attack,
                               grid_sample, poison)
+from ibau_jax.attacks import base as base_lib
 from ibau_jax.attacks import blend as blend_lib
 from ibau_jax.attacks import l2_inv as l2_inv_lib
 from ibau_jax.attacks import trojan as trojan_lib
@@ -116,6 +117,103 @@ def test_seed_changes_generated_patterns():
     a = np.asarray(get_attack(name, seed=0).apply(x))
     b = np.asarray(get_attack(name, seed=1).apply(x))
     assert not np.array_equal(a, b), name
+
+
+# --- input validation: layout, value range, trigger size ---------------------------
+
+
+def test_channels_first_rule_is_shared_by_patterns_and_batches():
+  for shape, first in [((3, 32, 32), True), ((1, 28, 28), True), ((32, 32, 3), False),
+                       ((28, 28, 1), False), ((3, 8, 3), False), ((1, 5, 1), False),
+                       ((32, 32, 4), False), ((3, 32, 5), True)]:
+    assert base_lib.looks_channels_first(shape) == first, shape
+    batch = np.zeros((2, *shape), np.float32)
+    if first:
+      with pytest.raises(ValueError, match="channels-first"):
+        base_lib.check_batch(batch, "t")
+      assert base_lib.as_hwc(batch[0], "t", "p").shape == shape[1:] + shape[:1]
+    else:
+      assert base_lib.check_batch(batch, "t").shape == batch.shape
+      assert base_lib.as_hwc(batch[0], "t", "p").shape == shape
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_attack_rejects_channels_first_batches(name):
+  attack = get_attack(name, target=1)
+  x = _images(n=2, low=0.0, high=1.0)
+  grey = x[..., :1]
+  assert attack.apply(grey).shape == grey.shape  # NHWC grayscale still works
+  assert attack.apply(x).shape == x.shape
+  for nchw in (x.transpose(0, 3, 1, 2), grey.transpose(0, 3, 1, 2)):
+    with pytest.raises(ValueError, match=rf"{name}: images look channels-first.*"
+                       r"\(2, [13], 32, 32\)"):
+      attack.apply(nchw)
+    with pytest.raises(ValueError, match="channels-first"):  # static: also jitted
+      jax.jit(attack.apply)(nchw)
+    with pytest.raises(ValueError, match="poison: images look channels-first"):
+      poison(nchw, np.arange(2) % 2, attack, 1.0, key=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="channels-first"):
+    MultiTarget(attacks=(attack,)).apply_with(x.transpose(0, 3, 1, 2), 0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_attack_checks_the_value_range_of_concrete_batches(name):
+  attack = get_attack(name, target=1)
+  x = _images(n=2, low=0.0, high=1.0)
+  x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.0, 1.0  # the bounds themselves are fine
+  out = attack.apply(x)
+  for bad in (x * 255, jnp.asarray(x * 255), x - 0.5):
+    with pytest.raises(ValueError, match=rf"{name}: images must be finite and in "
+                       r"\[0, 1\], got range .*ibau_jax.data.to_float"):
+      attack.apply(bad)
+  nan = x.copy()
+  nan[1, 3, 4, 0] = np.nan
+  with pytest.raises(ValueError, match=f"{name}: images .* got NaN values"):
+    attack.apply(nan)
+  with pytest.raises(ValueError, match=r"poison: images must be finite and in "
+                     r"\[0, 1\].*to_float"):
+    poison(x * 255, np.arange(2) % 2, attack, 1.0, key=jax.random.PRNGKey(0))
+  # Traced batches cannot be value-checked (documented): jit / vmap run unchecked.
+  assert jax.jit(attack.apply)(x * 255).shape == x.shape
+  assert jax.vmap(attack.apply)(x[None] * 255).shape == (1, *x.shape)
+  np.testing.assert_array_equal(attack.apply(x), out)  # valid input: same pixels
+
+
+def test_grid_sample_does_not_range_check():
+  x = _images(n=1, h=4, w=5) * 255  # a generic resampler: any values
+  np.testing.assert_allclose(grid_sample(x, wanet_lib.identity_grid(4, 5)), x,
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("badnets", {}, r"a 4x4 patch at \(27, 27\) needs images of at least 31x31 "
+     "pixels, got 16x16"),
+    ("l0_inv", {"mask": np.zeros((32, 32, 3)), "pattern": np.zeros((32, 32, 3))},
+     r"mask shape \(32, 32, 3\) does not fit images of shape \(H, W, C\) = "
+     r"\(16, 16, 3\)"),
+    ("l2_inv", {"pattern": np.ones((32, 32, 3))},
+     r"pattern shape \(32, 32, 3\) does not fit images"),
+    ("smooth", {"pattern": np.ones((32, 32, 3))},
+     r"pattern shape \(32, 32, 3\) does not fit images"),
+])
+def test_fixed_size_triggers_reject_other_image_sizes(name, params, message):
+  attack = get_attack(name, **params)
+  assert attack.apply(_images(n=1)).shape == (1, 32, 32, 3)
+  for small in (_images(n=1, h=16, w=16), _images(n=1, h=16, w=16, c=1)[..., :1]):
+    with pytest.raises(ValueError, match=f"{name}: "):
+      attack.apply(small)
+  with pytest.raises(ValueError, match=f"{name}: {message}"):
+    attack.apply(_images(n=1, h=16, w=16))
+  with pytest.raises(ValueError, match=f"{name}: "):
+    jax.jit(attack.apply)(_images(n=1, h=16, w=16))  # a static check
+
+
+def test_resizable_and_generated_triggers_fit_any_image_size():
+  pattern = np.full((8, 8, 3), 0.5, np.float32)
+  for attack in [get_attack(n) for n in ALL if n != "badnets"] + [
+      get_attack("blend", pattern=pattern), get_attack("trojan_sq", pattern=pattern),
+      get_attack("trojan_wm", pattern=pattern)]:
+    assert attack.apply(_images(n=1, h=16, w=12)).shape == (1, 16, 12, 3), attack.name
 
 
 # --- patches: exactly which pixels change ----------------------------------------
@@ -597,6 +695,57 @@ def test_poison_errors():
     poison(x * 2, labels, attack, 0.5, key=key)
   with pytest.raises(ValueError, match="Attack or a MultiTarget"):
     poison(x, labels, "badnets", 0.5, key=key)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_poison_target_must_be_a_class(name):
+  labels = np.arange(40, dtype=np.int32) % 10
+  x = _images(n=40, low=0.0, high=1.0)
+  key = jax.random.PRNGKey(0)
+  attack = get_attack(name, target=12)
+  for fn in (poison, lambda *a, **k: assign(a[1], *a[2:], **k)):
+    with pytest.raises(ValueError, match=f"poison: {name} target 12 is not a class "
+                       r"of the labels: .* 0\.\.max\(labels\) = 0\.\.9; pass "
+                       "num_classes"):
+      fn(x, labels, attack, 0.5, key=key)
+    with pytest.raises(ValueError, match="target 12 must be < num_classes 10"):
+      fn(x, labels, attack, 0.5, key=key, num_classes=10)
+  with pytest.raises(ValueError, match="target 12 must be < num_classes 10"):
+    get_attack(name, target=12, num_classes=10)
+  # A target above the labels present is fine once num_classes says it is a class.
+  which = assign(labels, attack, 0.5, key=key, num_classes=13)
+  assert (which >= 0).sum() == (0 if attack.clean_label else 20)
+  assert (assign(labels, get_attack(name, target=9), 0.5, key=key) >= 0).sum() == (
+      2 if attack.clean_label else 18)
+
+
+def test_poison_target_check_for_subsets_multi_target_and_all_to_all():
+  labels = np.arange(40, dtype=np.int32) % 8  # classes 8 and 9 absent here
+  x = _images(n=40, h=8, w=8)
+  key = jax.random.PRNGKey(0)
+  attack = BadNets(target=9, pattern="checkerboard")
+  with pytest.raises(ValueError, match=r"0\.\.max\(labels\) = 0\.\.7; pass "
+                     "num_classes"):
+    poison(x, labels, attack, 0.5, key=key)
+  _, yp, poisoned = poison(x, labels, attack, 0.5, key=key, num_classes=10)
+  assert poisoned.sum() == 20 and set(yp[poisoned]) == {9}
+  _, yp, poisoned = poison(x, labels, BadNets(target=9, pattern="checkerboard",
+                                              num_classes=10), 0.5, key=key)
+  assert poisoned.sum() == 20 and set(yp[poisoned]) == {9}
+  multi = MultiTarget(attacks=(BadNets(target=1, pattern="checkerboard"),
+                               Sig(target=11, clean_label=False)))
+  with pytest.raises(ValueError, match=r"poison: trigger 1 \(sig\) target 11 is not "
+                     "a class"):
+    poison(x, labels, multi, 0.2, key=key)
+  with pytest.raises(ValueError, match="target 11 must be < num_classes 10"):
+    poison(x, labels, multi, 0.2, key=key, num_classes=10)
+  which = assign(labels, multi, 0.2, key=key, num_classes=12)
+  assert (which == 0).sum() == 7 and (which == 1).sum() == 8  # round(0.2 * 35), 40
+  # All-to-all ignores target; it needs num_classes anyway.
+  a2a = BadNets(target=12, pattern="checkerboard", mode="all_to_all")
+  _, yp, poisoned = poison(x, labels, a2a, 0.5, key=key, num_classes=8)
+  np.testing.assert_array_equal(yp[poisoned], (labels[poisoned] + 1) % 8)
+  assert poison(x[:0], labels[:0], attack, 0.5, key=key)[2].shape == (0,)
 
 
 def test_poison_wanet_noise_mode_adds_cross_samples_with_true_labels():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -483,10 +485,111 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("repair_window", 0), ("repair_fraction", 0.0), ("repair_fraction", 1.5),
     ("repair_lr", 0.0), ("repair_fit_steps", 0), ("repair_share", 0.0), ("repair_share", 2.0),
     ("callback", 3), ("progress", "bar"),
+    # Bools must be real bools, not truthy strings or numbers.
+    ("shuffle", "no"), ("pseudo_labels", "False"), ("clamp", "yes"), ("clamp", 1),
+    # Numbers must be real numbers (not strings, bools or NaN) in their range.
+    ("inner_reg", "0.001"), ("inner_reg", -1.0), ("inner_reg", float("nan")),
+    ("norm_bound", "10"), ("norm_bound", float("inf")), ("norm_bound", True),
+    ("perturbed_fraction", "0.5"), ("perturbed_fraction", float("nan")),
+    ("solver_tol", -1.0), ("solver_tol", "x"), ("solver_tol", float("nan")),
+    ("solver_iterations", True), ("solver_iterations", 2.0), ("inner_lr", "1"),
+    ("outer_lr", True), ("fixed_point_lr", "0.1"), ("outer_lr_decay", "1"),
+    ("probe_min_share", np.nan), ("retry_share", "0.5"), ("repair_fraction", True),
+    ("repair_lr", "1e-4"), ("average_from", True), ("probe_bounds", ("1",)),
+    ("probe_bounds", (True,)), ("inner_candidates", (("sgd", "1.0", "end"),)),
+    ("inner_candidates", (("sgd", float("inf"), "end"),)), ("inner_refine", ("sgd", True, "end")),
 ])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
     ibau_jax.IBAUConfig(**{field: value})
+
+
+def test_the_audits_bad_configs_raise_up_front():
+  with pytest.raises(ValueError, match=r"IBAUConfig\.pseudo_labels must be a bool, got 'False'"):
+    ibau_jax.IBAUConfig.official(batch_size=20, pseudo_labels="False")
+  with pytest.raises(ValueError, match=r"IBAUConfig\.inner_reg must be a finite number >= 0, "
+                     r"got '0\.001'"):
+    ibau_jax.IBAUConfig.official(batch_size=20, inner_reg="0.001")
+  with pytest.raises(ValueError, match=r"IBAUConfig\.perturbed_fraction must be a finite number "
+                     r"in \(0, 1\], got '0\.5'"):
+    ibau_jax.IBAUConfig.official(batch_size=20, perturbed_fraction="0.5")
+  with pytest.raises(ValueError, match=r"IBAUConfig\.solver_tol must be a finite number >= 0, "
+                     r"got -1\.0"):
+    ibau_jax.IBAUConfig.official(batch_size=20, solver_tol=-1.0)
+  with pytest.raises(ValueError, match=r"IBAUConfig\.solver_iterations must be an integer >= 0, "
+                     r"got True"):
+    ibau_jax.IBAUConfig.official(batch_size=20, solver_iterations=True)
+
+
+_TYPED = [(f.name, f.type) for f in dataclasses.fields(ibau_jax.IBAUConfig)]
+
+
+@pytest.mark.parametrize("field", [n for n, t in _TYPED if t == "bool"])
+@pytest.mark.parametrize("value", ["False", "yes", 0, 1, None])
+def test_every_bool_field_needs_a_real_bool(field, value):
+  with pytest.raises(ValueError, match=rf"IBAUConfig\.{field} must be a bool"):
+    ibau_jax.IBAUConfig(**{field: value})
+  for good in (True, False, np.bool_(True)):
+    assert getattr(ibau_jax.IBAUConfig(**{field: good}), field) == good
+
+
+@pytest.mark.parametrize("field", [n for n, t in _TYPED if t in ("int", "float", "Optional[float]")])
+@pytest.mark.parametrize("value", ["1", True, False, b"1", [1.0], None])
+def test_every_number_field_needs_a_real_number(field, value):
+  if value is None and field == "norm_bound":
+    return  # None is no bound
+  with pytest.raises(ValueError, match=rf"IBAUConfig\.{field} must be"):
+    ibau_jax.IBAUConfig(**{field: value})
+
+
+def test_numpy_numbers_bools_and_the_range_edges_are_accepted():
+  config = ibau_jax.IBAUConfig(
+      rounds=np.int64(2), clamp=np.bool_(True), inner_reg=0, solver_tol=0.0,
+      solver_iterations=np.int32(3), perturbed_fraction=np.float32(0.5), outer_lr_decay=1,
+      inner_lr=np.float32(2.0), inner_candidates=(("sgd", np.float32(1.0), "end"),),
+      inner_refine=("normalized", np.int64(2), "step"), probe_bounds=(np.float64(1.0), 2),
+      norm_bound=None)
+  assert (config.rounds, config.solver_iterations, config.solver_tol) == (2, 3, 0.0)
+  # The pytree leaves are still plain floats.
+  leaves = jax.tree_util.tree_leaves(config)
+  assert all(type(v) is float for v in leaves) and 1.0 in leaves and 2.0 in leaves
+
+
+def test_a_checkpoint_dir_that_is_or_lies_under_a_file_raises(tmp_path):
+  file = tmp_path / "taken"
+  file.write_text("not a folder")
+  for bad in (file, str(file), file / "sub", file / "sub" / "deeper"):
+    with pytest.raises(ValueError, match=r"checkpoint_dir must be a folder.*is an existing file"):
+      ibau_jax.IBAUConfig.official(batch_size=20, checkpoint_dir=bad)
+  with pytest.raises(ValueError, match="checkpoint_dir must be a path or None"):
+    ibau_jax.IBAUConfig(checkpoint_dir=3)
+  # An existing folder, and a path where one can be made, are fine; nothing is created.
+  for good in (tmp_path, str(tmp_path / "new" / "nested")):
+    assert ibau_jax.IBAUConfig(checkpoint_dir=good).checkpoint_dir == good
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("collection,value", [
+    ("params", np.nan), ("params", np.inf), ("batch_stats", -np.inf), ("batch_stats", np.nan)])
+def test_non_finite_variables_raise_a_value_error_naming_the_leaf(collection, value):
+  variables = _variables()
+  (path, _), *_ = reversed(jax.tree_util.tree_flatten_with_path(variables[collection])[0])
+  spoilt = jax.tree_util.tree_map_with_path(
+      lambda p, leaf: leaf.at[(0,) * leaf.ndim].set(value) if p == path else leaf,
+      variables[collection])
+  name = f"variables['{collection}']{jax.tree_util.keystr(path)}"
+  # A ValueError about the input (not NonFiniteHypergradientError about outer_lr).
+  with pytest.raises(ValueError, match=re.escape(name) + r" contains NaN or infinite values "
+                     r"\(1 of \d+\)"):
+    _call(variables={**variables, collection: spoilt})
+
+
+def test_the_finite_check_skips_integer_key_and_non_array_leaves():
+  ibau._check_finite_variables({"params": {"w": jnp.ones(3), "step": np.arange(3),
+                                           "key": jax.random.key(0), "scale": 2.0,
+                                           "flag": True, "none": None}})
+  with pytest.raises(ValueError, match=re.escape("variables['params']['scale']")):
+    ibau._check_finite_variables({"params": {"w": jnp.ones(3), "scale": float("nan")}})
 
 
 def test_non_finite_hypergradient_stops_with_clear_error_and_leaves_input_untouched():

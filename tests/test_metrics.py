@@ -1,12 +1,14 @@
 """ACC / ASR / RA / DER on a fake model whose predictions the test controls.
 
-The fake "images" are ``(N, 1)`` floats holding the class the model must predict;
-``variables["table"]`` is the identity matrix, so ``logits = table[class]`` is a
-one-hot lookup and ``argmax = class``.
+The fake "images" are ``(N, 1, 1, 1)`` pixels ``c / K`` in [0, 1] showing the class
+``c`` the model must predict; ``variables["table"]`` is the identity matrix, so
+``logits = table[c]`` is a one-hot lookup and ``argmax = c``.
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,16 +20,16 @@ VARIABLES = {"table": jnp.eye(K)}
 
 
 def fake_apply(variables, images):
-  return variables["table"][images[:, 0].astype(jnp.int32)]
+  return variables["table"][jnp.round(images[:, 0, 0, 0] * K).astype(jnp.int32)]
 
 
 def to_two(images):
   """Trigger: images showing class 0 or 1 turn into class 2; others unchanged."""
-  return jnp.where(images < 2, 2.0, images)
+  return jnp.where(images < 2 / K, 2 / K, images)
 
 
 def _images(classes):
-  return np.asarray(classes, np.float32)[:, None]
+  return (np.asarray(classes, np.float32) / K)[:, None, None, None]
 
 
 def test_accuracy_and_predict_non_divisible_batches():
@@ -55,7 +57,7 @@ def test_padding_keeps_one_compiled_shape():
   images = _images(np.arange(10) % K)
   metrics.predict(counting_apply, VARIABLES, images, batch_size=4)  # 4 + 4 + (2 -> 4)
   metrics.predict(counting_apply, VARIABLES, images[:9], batch_size=4)
-  assert traces == [(4, 1)]
+  assert traces == [(4, 1, 1, 1)]
 
 
 def test_asr_and_ra_exclude_target_class_images():
@@ -141,3 +143,49 @@ def test_input_validation():
   with pytest.raises(ValueError, match="trigger_fn must be callable"):
     metrics.evaluate(fake_apply, VARIABLES, images, np.array([0, 1, 2]), None, 0)
   assert metrics.predict(fake_apply, VARIABLES, images[:0]).shape == (0,)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda x: x * 255.0, r"images must lie in \[0, 1\]; got values in \[0, 191\.2\] "
+                          r"\(0\.\.255 pixels\? divide by 255\)"),
+    (lambda x: x - 0.5, r"images must lie in \[0, 1\]"),
+    (lambda x: np.where(np.arange(3)[:, None, None, None] == 1, np.nan, x), "NaN or infinite"),
+    (lambda x: np.where(np.arange(3)[:, None, None, None] == 2, np.inf, x), "NaN or infinite"),
+    (lambda x: jnp.asarray(x).at[0].set(jnp.nan), "NaN or infinite"),  # on the device
+    (lambda x: (x * 255).astype(np.uint8), "floating point.*uint8"),
+    (lambda x: x[:, 0], r"rank 4 \(N, H, W, C\); got shape \(3, 1, 1\)"),
+    (lambda x: x[0], r"rank 4 \(N, H, W, C\); got shape \(1, 1, 1\)"),
+])
+def test_images_must_be_finite_pixels_in_unit_range(bad, match):
+  images, labels = bad(_images([0, 1, 3])), np.array([0, 1, 3])
+  with pytest.raises(ValueError, match=match):
+    metrics.accuracy(fake_apply, VARIABLES, images, labels)
+  with pytest.raises(ValueError, match=match):
+    metrics.predict(fake_apply, VARIABLES, images)
+  with pytest.raises(ValueError, match=match.replace("images", "triggered_images", 1)):
+    metrics.attack_success_rate(fake_apply, VARIABLES, images, labels, 2)
+  with pytest.raises(ValueError, match=match):
+    metrics.evaluate(fake_apply, VARIABLES, images, labels, to_two, 2)
+
+
+class _TinyBN(nn.Module):
+  """Conv -> BatchNorm (running statistics) -> mean -> Dense: reads 'batch_stats'."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(2, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=True)(x)
+    return nn.Dense(K)(x.mean(axis=(1, 2)))
+
+
+def test_model_that_does_not_fit_the_images_or_variables_raises_value_error():
+  model = _TinyBN()
+  x = np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32)
+  y = np.array([0, 1, 2, 3])
+  variables = model.init(jax.random.PRNGKey(0), x[:1])
+  assert 0.0 <= metrics.accuracy(model.apply, variables, x, y) <= 1.0  # NHWC: fine
+  with pytest.raises(ValueError, match=r"shape \(4, 3, 8, 8\).*NCHW.*transpose\(0, 2, 3, 1\)"
+                                       r".*ScopeParamShapeError"):
+    metrics.accuracy(model.apply, variables, x.transpose(0, 3, 1, 2), y)
+  with pytest.raises(ValueError, match="batch_stats.*ScopeCollectionNotFound"):
+    metrics.evaluate(model.apply, {"params": variables["params"]}, x, y, to_two, 2)

@@ -7,6 +7,8 @@ transpose, flatten order, padding or BatchNorm convention fails them.
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from ibau_jax.models import get_model, model_names, vgg
+from ibau_jax.models.resnet import PreActResNet18
 from ibau_jax.models.torch_import import export_torch_state, load_torch_state
 from _layers import Conv, Dense
 
@@ -225,6 +228,46 @@ def test_registry_errors():
     get_model("small_vgg16", 1)
   with pytest.raises(ValueError, match="no PyTorch key mapping"):
     load_torch_state({"a": np.zeros(1)}, arch="nope")
+
+
+@pytest.mark.parametrize("name", ["small_vgg16", "preact_resnet18"])
+@pytest.mark.parametrize("num_classes", [10.7, 10.0, True, "10", -3])
+def test_num_classes_must_be_an_integer(name, num_classes):
+  with pytest.raises(ValueError, match=rf"num_classes must be an integer >= 2, got "
+                                       rf"{re.escape(repr(num_classes))}"):
+    get_model(name, num_classes)
+
+
+def test_num_classes_integer_types_and_direct_construction():
+  model = get_model("small_vgg16", np.int64(7))
+  assert model.num_classes == 7 and type(model.num_classes) is int
+  assert get_model("preact_resnet18", 5).num_classes == 5
+  with pytest.raises(ValueError, match=r"SmallVGG16.num_classes must be a positive integer, "
+                                       r"got 10\.7"):
+    vgg.SmallVGG16(num_classes=10.7)
+  with pytest.raises(ValueError, match=r"PreActResNet18.num_classes must be a positive "
+                                       r"integer, got 10\.7"):
+    PreActResNet18(num_classes=10.7)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(widths=(4, 8, 8, 16)), r"a dropout rate per stage: got 4 widths \(4, 8, 8, 16\) "
+                                 r"and 3 dropout_rates"),
+    (dict(widths=(4, 8), dropout_rates=(0.0,)), "a dropout rate per stage: got 2 widths"),
+    (dict(widths=()), "widths must be a non-empty sequence of positive integers"),
+    (dict(widths=(4, 0, 8)), "widths must be a non-empty sequence of positive integers"),
+    (dict(widths=(4, 8.5, 8)), "widths must be a non-empty sequence of positive integers"),
+    (dict(dropout_rates=(0.3, 1.5, 0.4)), r"dropout_rates must be numbers in \[0, 1\]"),
+])
+def test_small_vgg16_stage_fields_are_checked(kw, match):
+  with pytest.raises(ValueError, match=match):
+    get_model("small_vgg16", 10, **kw)
+
+
+def test_small_vgg16_fewer_widths_than_rates_builds_fewer_stages():
+  # Documented: stage i uses widths[i] and dropout_rates[i]; the smoke presets use one stage.
+  abstract = _abstract_variables(get_model("small_vgg16", 10, widths=(4,)), (1, 8, 8, 3))
+  assert sorted(abstract["params"]) == ["bn0_0", "bn0_1", "classifier", "conv0_0", "conv0_1"]
 
 
 # ----------------------------------------------------------------------------

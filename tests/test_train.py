@@ -267,6 +267,52 @@ def test_fit_bad_arguments():
     train.fit(TinyNet(), x, y, {"epochs": 1})
 
 
+def _nan_at_0(x):
+  x = x.copy()
+  x[0, 0, 0, 0] = np.nan
+  return x
+
+
+@pytest.mark.parametrize("images_fn, labels_fn, match", [
+    (lambda x: (x * 255).astype(np.uint8), None, "floating point.*uint8"),
+    (lambda x: x * 255.0, None, r"images must lie in \[0, 1\].*divide by 255"),
+    (lambda x: x - 0.25, None, r"images must lie in \[0, 1\]"),
+    (_nan_at_0, None, "NaN or infinite"),
+    (lambda x: x.transpose(0, 3, 1, 2), None, r"NCHW.*\(16, 3, 8, 8\).*transpose"),
+    (lambda x: x[0], None, "rank 4"),
+    (None, lambda y: y + 1, r"labels must lie in \[0, 2\) for a model with 2 outputs; "
+                            r"got values in \[1, 2\]"),
+    (None, lambda y: y - 1, r"labels must lie in \[0, 2\).*\[-1, 0\]"),
+])
+def test_fit_rejects_bad_images_and_labels_before_training(images_fn, labels_fn, match,
+                                                           monkeypatch):
+  def no_training(*args, **kw):
+    raise AssertionError("fit reached a training step")
+
+  monkeypatch.setattr(train, "train_step", no_training)
+  x, y = make_data(16)
+  x = images_fn(x) if images_fn else x
+  y = labels_fn(y) if labels_fn else y
+  with pytest.raises(ValueError, match=match):
+    train.fit(TinyNet(), x, y, base_config(epochs=1, batch_size=8))
+
+
+class _NeedsEightByEight(nn.Module):
+  """A model whose init fails (a reshape) on images that are not 8x8x3."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return Dense(2)(x.reshape((x.shape[0], 8 * 8 * 3)))
+
+
+def test_fit_reports_a_model_whose_init_fails_on_the_image_shape():
+  x, y = make_data(16)
+  x = x[:, :4, :4, :]
+  with pytest.raises(ValueError, match=r"model.init failed on images of shape \(1, 4, 4, 3\)"
+                                       r".*TypeError"):
+    train.fit(_NeedsEightByEight(), x, y, base_config(epochs=1, batch_size=8))
+
+
 def test_checkpoint_round_trip(tmp_path):
   config = base_config()
   state = train.create_train_state(TinyNet(), config, (8, 8, 3), key=jax.random.PRNGKey(0))

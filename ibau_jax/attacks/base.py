@@ -4,7 +4,12 @@ An attack is an immutable object with
 
 * ``apply(images) -> images``: the trigger ``T``, a pure, jittable (and vmappable,
   over extra leading axes) function on float NHWC batches with pixels in [0, 1];
-  it keeps shape and dtype and clips the result to [0, 1];
+  it keeps shape and dtype and clips the result to [0, 1].  ``apply`` raises
+  ``ValueError`` (:func:`check_batch`) for a batch that is not 4-D floating point or
+  that looks channels first (``(N, C, H, W)``, C = 1 or 3) -- shape checks, also
+  under ``jax.jit`` -- and, only for a concrete (non-traced) batch, for values
+  outside [0, 1] or NaN; a traced batch's values are not checked (``poison`` checks
+  its images before it jits the trigger);
 * a label policy, the label ``t(y)`` the backdoor should produce for an image of
   true class ``y`` (:meth:`Attack.relabel`):
 
@@ -45,8 +50,57 @@ PathLike = Union[str, os.PathLike]
 MODES = ("all_to_one", "all_to_all")
 
 
-def check_batch(images: Any, name: str) -> jnp.ndarray:
-  """``images`` as a float ``(N, H, W, C)`` array; ``ValueError`` otherwise."""
+def looks_channels_first(shape: tuple[int, ...]) -> bool:
+  """Whether a 3-D image shape ``(A, B, D)`` reads as channels first ``(C, H, W)``.
+
+  A last axis of 1 or 3 entries is taken as channels last (grayscale / RGB
+  ``(H, W, C)``); otherwise a first axis of 1 or 3 entries means channels first.
+  The rule of :func:`as_hwc` (patterns) and :func:`check_batch` (batches).
+  """
+  return shape[0] in (1, 3) and shape[-1] not in (1, 3)
+
+
+def check_layout(shape: tuple[int, ...], name: str) -> None:
+  """``ValueError`` if the batch shape ``(N, A, B, D)`` looks channels first."""
+  if len(shape) == 4 and looks_channels_first(tuple(shape[1:])):
+    raise ValueError(f"{name}: images look channels-first (N, C, H, W), got shape "
+                     f"{tuple(shape)}; attacks take NHWC batches (N, H, W, C) with "
+                     "C = 1 or 3 last: transpose with images.transpose(0, 2, 3, 1)")
+
+
+def check_unit_range(images: Any, name: str) -> None:
+  """``ValueError`` unless the concrete array ``images`` is finite and in [0, 1].
+
+  Exact bounds, no tolerance (as :func:`ibau_jax.data.to_float`).  Does nothing
+  for an empty array or a tracer (values are unknown under ``jax.jit`` /
+  ``jax.vmap``).  NumPy arrays are checked with NumPy, JAX arrays on their device.
+  """
+  if isinstance(images, jax.core.Tracer) or not np.size(images):
+    return
+  if isinstance(images, np.ndarray):
+    lo, hi = float(np.min(images)), float(np.max(images))
+  else:
+    lo, hi = (float(v) for v in jax.device_get((jnp.min(images), jnp.max(images))))
+  if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
+    got = "NaN values" if np.isnan(lo) or np.isnan(hi) else f"range [{lo}, {hi}]"
+    raise ValueError(f"{name}: images must be finite and in [0, 1], got {got}; "
+                     "scale 0..255 pixels first (ibau_jax.data.to_float on the uint8 "
+                     "images, or divide by 255)")
+
+
+def check_batch(images: Any, name: str, *, unit_range: bool = True) -> jnp.ndarray:
+  """``images`` as a float ``(N, H, W, C)`` JAX array; ``ValueError`` otherwise.
+
+  Static checks, on the shape and dtype (also under ``jax.jit`` and ``jax.vmap``):
+  4-D, floating point, and not channels first (:func:`looks_channels_first`: a
+  batch whose last axis is 1 or 3 is NHWC; one whose axis 1 is 1 or 3 and whose
+  last axis is not is NCHW and rejected).
+
+  Value check, with ``unit_range``, only on concrete arrays: finite and in [0, 1]
+  (:func:`check_unit_range`).  A traced batch (inside ``jax.jit``, ``jax.vmap``)
+  is NOT value-checked; :func:`~ibau_jax.attacks.poison` checks its images itself.
+  """
+  raw = images
   images = jnp.asarray(images)
   if images.ndim != 4:
     raise ValueError(f"{name}: images must be an NHWC batch (N, H, W, C), got shape "
@@ -54,6 +108,9 @@ def check_batch(images: Any, name: str) -> jnp.ndarray:
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise ValueError(f"{name}: images must be floating point in [0, 1], got dtype "
                      f"{images.dtype}")
+  check_layout(images.shape, name)
+  if unit_range:
+    check_unit_range(raw if isinstance(raw, np.ndarray) else images, name)
   return images
 
 
@@ -95,7 +152,7 @@ def as_hwc(array: Any, name: str, field: str) -> np.ndarray:
     array = array[:, :, None]
   elif array.ndim != 3:
     raise ValueError(f"{name}: {field} must be 2-D or 3-D, got shape {array.shape}")
-  elif array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+  elif looks_channels_first(array.shape):
     array = np.ascontiguousarray(np.transpose(array, (1, 2, 0)))
   if not np.all(np.isfinite(array)):
     raise ValueError(f"{name}: {field} has NaN or inf values")
@@ -195,7 +252,13 @@ class Attack:
                        f"poisons images of class target), got mode {self.mode!r}")
 
   def apply(self, images: jnp.ndarray) -> jnp.ndarray:
-    """Triggered copy of the float NHWC batch ``images`` (same shape and dtype)."""
+    """Triggered copy of the float NHWC batch ``images`` (same shape and dtype).
+
+    Raises:
+      ValueError: (static) ``images`` is not a 4-D floating batch, looks channels
+        first, or does not fit the trigger; (concrete ``images`` only, not under
+        ``jax.jit`` / ``jax.vmap``) values outside [0, 1] or NaN.
+    """
     raise NotImplementedError
 
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:

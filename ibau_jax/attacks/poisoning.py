@@ -15,6 +15,11 @@ gets the trigger, ``x_i <- a.apply(x_i)``, and the label ``t(y_i)`` (clean label
 trigger ``k = 0, 1, ...`` in turn (key ``jax.random.split(key, K)[k]``)
 ``round(ratio * |E_k|)`` images from ``E_k`` minus the images already taken.
 
+Targets must be classes: ``target < C`` for every all-to-one trigger, ``C`` the
+``num_classes`` of ``poison`` / ``assign`` or of the attack; when neither gives it,
+``C`` is taken as ``max(labels) + 1``, so a target above every label is an error
+(pass ``num_classes`` when the clean labels do not contain every class).
+
 The I-BAU code draws ``int(ratio * N)`` images out of the ``N`` of the whole set
 instead (among the non-target ones); use ``ratio * N / |E|`` to match it.
 """
@@ -27,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ibau_jax.attacks.base import Attack, check_float
+from ibau_jax.attacks.base import (Attack, check_float, check_layout,
+                                   check_unit_range)
 from ibau_jax.attacks.multi_target import MultiTarget
 
 AnyAttack = Union[Attack, MultiTarget]
@@ -74,13 +80,30 @@ def assign(labels: Any, attack: AnyAttack, ratio: float, *, key: jax.Array,
 
   For a single attack ``k`` is 0.  Same ``key``, same assignment; the images
   :func:`poison` changes are exactly those with ``assign(...) >= 0``.
+
+  ``ValueError`` for an all-to-one target ``>= num_classes``, or, without
+  ``num_classes`` (here or on the attacks), ``> max(labels)`` (see the module
+  docstring).
   """
   ratio = check_float(ratio, "poison", "ratio", low=0.0, high=1.0)
   attacks = _sub_attacks(attack)
   known = {a.resolve_num_classes(num_classes) for a in attacks} - {None}
   if len(known) > 1:
     raise ValueError(f"poison: the attacks disagree on num_classes: {sorted(known)}")
-  labels = _check_labels(labels, None, known.pop() if known else None)
+  c = known.pop() if known else None
+  labels = _check_labels(labels, None, c)
+  if c is None and labels.size:
+    # No num_classes anywhere: the classes are 0 .. max(labels); a target above them
+    # would write a label outside the data set's classes.
+    inferred = int(labels.max()) + 1
+    for k, a in enumerate(attacks):
+      if a.mode == "all_to_one" and a.target >= inferred:
+        who = a.name if len(attacks) == 1 else f"trigger {k} ({a.name})"
+        raise ValueError(
+            f"poison: {who} target {a.target} is not a class of the labels: without "
+            f"num_classes the classes are 0..max(labels) = 0..{inferred - 1}; pass "
+            "num_classes (to poison or the attack) if the labels do not contain "
+            "every class")
   which = np.full(labels.shape, -1, np.int32)
   keys = jax.random.split(key, len(attacks)) if isinstance(attack, MultiTarget) \
       else [key]
@@ -126,13 +149,16 @@ def poison(images: Any, labels: Any, attack: AnyAttack, ratio: float, *,
   """Poisoned copy of a data set.
 
   Args:
-    images: float ``(N, H, W, C)`` in [0, 1], NumPy or JAX.
+    images: float ``(N, H, W, C)`` in [0, 1], NumPy or JAX (checked: finite, in
+      [0, 1], not channels first; the trigger then runs jitted, unchecked).
     labels: int ``(N,)``.
     attack: an :class:`Attack` or a :class:`MultiTarget`.
     ratio: fraction in [0, 1] of the ELIGIBLE images to poison (per trigger).
     key: PRNG key; the result is a deterministic function of it.
     num_classes: number of classes, for all-to-all labels (if the attack has
-      none) and to check the labels.
+      none) and to check the labels and targets (``< num_classes``).  Without it
+      (here and on the attack) targets must be ``<= max(labels)``: pass it when
+      the clean labels do not contain every class.
     chunk_size: the trigger runs jitted on chunks of this many images.
     noise_ratio: for attacks with a noise mode (``apply_noise(images, key)``, e.g. WaNet):
       ``round(noise_ratio * N)`` of the images that are NOT poisoned, drawn uniformly from
@@ -152,9 +178,8 @@ def poison(images: Any, labels: Any, attack: AnyAttack, ratio: float, *,
   if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
     raise ValueError(f"poison: images must be a float NHWC batch, got shape "
                      f"{images.shape} and dtype {images.dtype}")
-  if images.size and (not np.isfinite(images).all() or images.min() < 0
-                      or images.max() > 1):
-    raise ValueError("poison: images must be finite and in [0, 1]")
+  check_layout(images.shape, "poison")
+  check_unit_range(images, "poison")
   labels = _check_labels(labels, images.shape[0], None).copy()
   noise_ratio = float(noise_ratio)
   if not 0.0 <= noise_ratio <= 1.0:

@@ -147,7 +147,8 @@ def grid_sample(images: Any, grid: Any) -> jnp.ndarray:
   align_corners=True)`` on NHWC images.
 
   Args:
-    images: float ``(N, H, W, C)``.
+    images: float ``(N, H, W, C)``, any values (not range-checked); a batch that
+      looks channels first is rejected (:func:`~ibau_jax.attacks.base.check_batch`).
     grid: ``(Ho, Wo, 2)`` (one grid for all images) or ``(N, Ho, Wo, 2)``, in
       normalised coordinates: channel 0 is the column ``u`` (pixel
       ``(u + 1) / 2 * (W - 1)``), channel 1 the row.
@@ -155,7 +156,7 @@ def grid_sample(images: Any, grid: Any) -> jnp.ndarray:
   Returns:
     ``(N, Ho, Wo, C)`` samples, the images' dtype.
   """
-  images = check_batch(images, "grid_sample")
+  images = check_batch(images, "grid_sample", unit_range=False)
   grid = jnp.asarray(grid)
   if grid.ndim not in (3, 4) or grid.shape[-1] != 2 or (
       grid.ndim == 4 and grid.shape[0] != images.shape[0]):

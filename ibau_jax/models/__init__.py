@@ -7,6 +7,7 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from ibau_jax.models.resnet import PreActResNet18
 from ibau_jax.models.vgg import SmallVGG16
@@ -27,11 +28,21 @@ def model_names() -> list[str]:
 
 
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-  """Returns the Flax module registered as ``name`` with ``num_classes`` outputs."""
+  """Returns the Flax module registered as ``name`` with ``num_classes`` outputs.
+
+  Args:
+    name: a registered name (:func:`model_names`).
+    num_classes: an integer >= 2 (a Python or numpy integer; not a float or a bool).
+    **kwargs: further fields of the model (e.g. ``widths``), checked by the model.
+
+  Raises:
+    ValueError: for an unknown name or any other ``num_classes``.
+  """
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; known models: {model_names()}")
-  if int(num_classes) < 2:
-    raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+      or num_classes < 2:
+    raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
   return _REGISTRY[name](num_classes=int(num_classes), **kwargs)
 
 

@@ -32,6 +32,7 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from ibau_jax import _prng
 
@@ -73,16 +74,25 @@ class PreActResNet18(nn.Module):
   """PreAct-ResNet18: ``(N, H, W, 3)`` images -> ``(N, num_classes)`` logits.
 
   Attributes:
-    num_classes: number of output classes.
+    num_classes: number of output classes, an integer >= 1.
     widths: channel widths of the four stages.
     strides: stride of the first block of each stage.
     blocks_per_stage: number of basic blocks per stage (2 for ResNet18).
+
+  Raises:
+    ValueError: at construction, for a ``num_classes`` that is not a positive integer.
   """
 
   num_classes: int = 10
   widths: Sequence[int] = (64, 128, 256, 512)
   strides: Sequence[int] = (1, 2, 2, 2)
   blocks_per_stage: int = 2
+
+  def __post_init__(self):
+    n = self.num_classes
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+      raise ValueError(f"PreActResNet18.num_classes must be a positive integer, got {n!r}")
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

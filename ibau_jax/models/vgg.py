@@ -16,6 +16,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ibau_jax import _prng
 
@@ -67,18 +68,48 @@ def conv_im2col(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
   return out.reshape(n, h, w, cout)
 
 
+def _positive_int(value) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+
 class SmallVGG16(nn.Module):
   """Small VGG16: ``(N, H, W, 3)`` images in [0, 1] -> ``(N, num_classes)`` logits.
 
+  Stage ``i`` has width ``widths[i]`` and dropout rate ``dropout_rates[i]``; there are
+  ``len(widths)`` stages (three in the paper; fewer make smaller test models, e.g.
+  ``widths=(4,)``, which use the first ``len(widths)`` rates).
+
   Attributes:
-    num_classes: number of output classes.
-    widths: channel widths of the three stages.
-    dropout_rates: dropout after each stage's pooling.
+    num_classes: number of output classes, an integer >= 1.
+    widths: channel widths of the stages (the paper's three), positive integers.
+    dropout_rates: dropout after each stage's pooling, in [0, 1]; at least one per width
+      (``len(dropout_rates) >= len(widths)``), so no width is left out.
+
+  Raises:
+    ValueError: at construction, for fields that break these rules.
   """
 
   num_classes: int = 10
   widths: Sequence[int] = (32, 64, 128)
   dropout_rates: Sequence[float] = (0.3, 0.4, 0.4)
+
+  def __post_init__(self):
+    if not _positive_int(self.num_classes):
+      raise ValueError(f"SmallVGG16.num_classes must be a positive integer, "
+                       f"got {self.num_classes!r}")
+    widths, rates = tuple(self.widths), tuple(self.dropout_rates)
+    if not widths or not all(_positive_int(w) for w in widths):
+      raise ValueError(f"SmallVGG16.widths must be a non-empty sequence of positive "
+                       f"integers, got {self.widths!r}")
+    if not all(not isinstance(r, bool) and isinstance(r, (int, float, np.integer, np.floating))
+               and 0.0 <= r <= 1.0 for r in rates):
+      raise ValueError(f"SmallVGG16.dropout_rates must be numbers in [0, 1], "
+                       f"got {self.dropout_rates!r}")
+    if len(rates) < len(widths):
+      raise ValueError(f"SmallVGG16 needs a dropout rate per stage: got {len(widths)} widths "
+                       f"{widths} and {len(rates)} dropout_rates {rates}; pass "
+                       f"dropout_rates of length {len(widths)}")
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
