@@ -103,21 +103,25 @@ def to_json(obj: Any) -> str:
 
 
 def check_folder(cls_name: str, value) -> None:
-  """Checks a config's ``checkpoint_dir``: None, or a path that is a folder or can be made
-  one (neither it nor any folder above it is an existing file).
+  """Checks a config's ``checkpoint_dir``: None, or a non-empty path that is a folder or can
+  be made one (neither it nor any folder above it is an existing file).
 
   Args:
     cls_name: the config's class name, for the message.
     value: the ``checkpoint_dir`` field.
 
   Raises:
-    ValueError: if ``value`` is neither None nor a path, or names (or lies under) an
-      existing file.
+    ValueError: if ``value`` is neither None nor a path, is empty, or names (or lies under)
+      an existing file.
   """
   if value is None:
     return
   if not isinstance(value, (str, os.PathLike)):
     raise ValueError(f"{cls_name}.checkpoint_dir must be a path or None, got {value!r}")
+  if not os.fspath(value):
+    raise ValueError(f"{cls_name}.checkpoint_dir must be None or a non-empty path to a "
+                     f"folder, got {value!r} (an empty path would put the checkpoint in the "
+                     "working directory)")
   folder = pathlib.Path(value)
   for candidate in (folder, *folder.parents):
     try:

@@ -4,6 +4,7 @@ pruning, noise statistics, determinism, bad configs and a tiny backdoored model.
 from __future__ import annotations
 
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.core import FrozenDict
 
 from ibau_jax.defenses import anp as anp_lib
 from ibau_jax.defenses import dp as dp_lib
@@ -152,7 +154,7 @@ def test_anp_ranges_history_callback_and_pass_through():
     assert sorted(h["masks"]) == ["bn0", "bn1"]
   # The result is the pruning the last masks select; the last callback got the same.
   last = result.history[-1]
-  assert last["pruned"] == {k: np.flatnonzero(v < 0.5).tolist()
+  assert last["pruned"] == {k: np.flatnonzero(np.asarray(v) < 0.5).tolist()
                             for k, v in last["masks"].items()}
   expected = anp_lib.prune_neurons(variables, last["pruned"])
   _assert_trees_equal(result.variables, expected)
@@ -253,7 +255,7 @@ def test_anp_scan_and_python_loops_agree():
       np.testing.assert_allclose(a["masks"][name], b["masks"][name], rtol=1e-5, atol=1e-6)
     assert a["pruned"] == b["pruned"]
   # The masks moved, and the six iterations pruned something.
-  assert min(float(m.min()) for m in python.history[-1]["masks"].values()) < 0.99
+  assert min(min(m) for m in python.history[-1]["masks"].values()) < 0.99
   assert python.history[-1]["num_pruned"] > 0
   _assert_trees_equal(scan.variables, python.variables)
 
@@ -286,6 +288,19 @@ def test_anp_layers_and_errors():
     (dict(layers=("bn0", "bn0")), "repeated"), (dict(anp_steps=0), "anp_steps"),
     (dict(log_every=0), "log_every"), (dict(callback=3), "callback"),
     (dict(checkpoint_dir=1), "checkpoint_dir"), (dict(loop="gpu"), "loop"),
+    # Wrong types and infinities are refused, naming the field.
+    (dict(alpha=None), r"^ANPConfig.alpha must be a finite number in \[0, 1\], got None$"),
+    (dict(learning_rate="0.2"), r"^ANPConfig.learning_rate must be a finite number >= 0, "
+                                r"got '0.2'$"),
+    (dict(learning_rate=float("inf")), r"^ANPConfig.learning_rate .* got inf$"),
+    (dict(momentum=True), r"^ANPConfig.momentum .* got True$"),
+    (dict(threshold="0.2"), r"^ANPConfig.threshold .* got '0.2'$"),
+    (dict(prune_fraction=None), r"^ANPConfig.prune_fraction .* got None$"),
+    # "False" is truthy: a string used to prune like True.
+    (dict(zero_bias="False"), r"^ANPConfig.zero_bias must be a bool, got 'False'$"),
+    (dict(zero_bias=0), r"^ANPConfig.zero_bias must be a bool, got 0$"),
+    (dict(checkpoint_dir=""), r"^ANPConfig.checkpoint_dir must be None or a non-empty path to a "
+                              r"folder, got '' \(an empty path"),
 ])
 def test_anp_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -295,6 +310,29 @@ def test_anp_config_validation(kwargs, match):
 def test_anp_config_layers_become_a_tuple():
   assert anp_lib.ANPConfig(layers=["bn0"]).layers == ("bn0",)
   assert anp_lib.ANPConfig(callback=print) == anp_lib.ANPConfig()
+  # Numpy bools and numbers are accepted.
+  anp_lib.ANPConfig(zero_bias=np.bool_(False), alpha=np.float32(0.5), threshold=np.int64(0))
+
+
+def test_anp_keeps_a_frozen_dict_and_its_history_is_json():
+  variables = _small_variables()
+  x, y = _small_data(16)
+  config = anp_lib.ANPConfig(iterations=1, batch_size=8, log_every=1, learning_rate=20.0,
+                             threshold=0.5, loop="python")
+  frozen = FrozenDict(variables)
+  seen = []
+  result = anp_lib.anp(apply_small, frozen, x, y,
+                       config.replace(callback=lambda i, s, v: seen.append(v)),
+                       key=jax.random.PRNGKey(0))
+  assert result.history[-1]["num_pruned"] > 0
+  assert type(result.variables) is FrozenDict and type(seen[-1]) is FrozenDict
+  _assert_trees_equal(result.variables, anp_lib.prune_neurons(frozen,
+                                                              result.history[-1]["pruned"]))
+  assert jax.tree_util.tree_structure(result.variables) == jax.tree_util.tree_structure(frozen)
+  assert type(anp_lib.prune_neurons(variables, result.history[-1]["pruned"])) is dict
+  # Plain Python values: the history goes through JSON unchanged.
+  assert json.loads(json.dumps(result.history)) == result.history
+  assert all(isinstance(m, list) for h in result.history for m in h["masks"].values())
 
 
 # A tiny backdoored model.  Honest caveat: at this scale ANP is weak and seed-dependent.
@@ -557,6 +595,25 @@ def test_dp_sgd_rejects_bad_input():
   with pytest.raises(ValueError, match="batch"):
     dp_lib.dp_sgd(apply_small, _small_variables(), x[:4], y[:4], dp_lib.DPConfig(batch_size=8),
                   key=jax.random.PRNGKey(0))
+  # DP-SGD trains on a training set; it does not unlearn.
+  with pytest.raises(ValueError, match=r"^the training set has a single class \(1\); DP-SGD "
+                                       r"training needs images of at least two classes$"):
+    dp_lib.dp_sgd(apply_small, _small_variables(), x, np.ones_like(y),
+                  dp_lib.DPConfig(batch_size=8), key=jax.random.PRNGKey(0))
+
+
+def test_dp_sgd_keeps_a_frozen_dict():
+  variables = _small_variables()
+  x, y = _small_data(16)
+  config = dp_lib.DPConfig(epochs=1, batch_size=8, loop="python")
+  frozen = FrozenDict(variables)
+  result = dp_lib.dp_sgd(apply_small, frozen, x, y, config, key=jax.random.PRNGKey(0))
+  assert type(result.variables) is FrozenDict
+  assert jax.tree_util.tree_structure(result.variables) == jax.tree_util.tree_structure(frozen)
+  plain = dp_lib.dp_sgd(apply_small, variables, x, y, config, key=jax.random.PRNGKey(0))
+  for a, b in zip(jax.tree_util.tree_leaves(result.variables),
+                  jax.tree_util.tree_leaves(plain.variables), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_diverging_dp_sgd_and_anp_are_clear_errors():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.core import FrozenDict
 
 from ibau_jax.defenses import deepinspect as di
 
@@ -133,12 +135,12 @@ def test_flags_the_planted_target_class():
   assert [h["stage"] for h in result.history] == [0, 1, 2, 3]
   assert all(h["seconds"] >= 0 for h in result.history)
   assert [(s, n) for s, n, _ in seen] == list(enumerate(names))
-  stat = result.history[1]["statistic"]
+  stat = np.asarray(result.history[1]["statistic"])
   assert stat.shape == (CLASSES,) and int(np.argmin(stat)) == TARGET
   # The target needs far less perturbation than any other class, and the generated triggers
   # really do send the substitute images to their class.
   assert stat[TARGET] < 0.5 * np.min(np.delete(stat, TARGET))
-  assert np.all(result.history[1]["success"] > 0.7)
+  assert np.all(np.asarray(result.history[1]["success"]) > 0.7)
   detection = result.history[2]
   assert detection["flagged"] == [TARGET]
   assert detection["scores"][TARGET] > CONFIG.threshold
@@ -314,10 +316,33 @@ def test_an_interrupted_run_resumes_after_its_saved_stages(tmp_path):
     (dict(loop="gpu"), "loop"),
     (dict(callback=3), "callback"),
     (dict(checkpoint_dir=[]), "checkpoint_dir"),
+    (dict(checkpoint_dir=""), r"^DeepInspectConfig.checkpoint_dir must be None or a non-empty "
+                              r"path to a folder, got '' \(an empty path"),
 ])
 def test_config_validation(change, match):
   with pytest.raises(ValueError, match=match):
     di.DeepInspectConfig(**change)
+
+
+def test_config_takes_numpy_bools():
+  config = di.DeepInspectConfig(use_clean_set_for_patching=np.bool_(False))
+  assert not config.use_clean_set_for_patching
+
+
+def test_a_frozen_dict_comes_back_a_frozen_dict_and_the_history_is_json():
+  model = FrozenDict(_Linear().init(jax.random.PRNGKey(1), jnp.zeros((1, H, W, 3))))
+  x, y = _make(64, 3)
+  # A tiny threshold flags classes, so that patching runs and returns new variables.
+  config = CONFIG.replace(inversion_steps=4, generator_steps=4, patch_epochs=1, threshold=1e-6)
+  seen = []
+  result = di.deepinspect(_linear_apply, model, x, y,
+                          config.replace(callback=lambda s, stats, v: seen.append(v)),
+                          key=jax.random.PRNGKey(0))
+  assert result.history[3]["patched"]
+  assert type(result.variables) is FrozenDict and {type(v) for v in seen} == {FrozenDict}
+  assert jax.tree_util.tree_structure(result.variables) == jax.tree_util.tree_structure(model)
+  # Plain Python values (no arrays): the history goes through JSON unchanged.
+  assert json.loads(json.dumps(result.history)) == result.history
 
 
 def test_config_is_frozen_and_callback_does_not_count_for_equality():
@@ -355,14 +380,14 @@ def test_a_diverging_patching_is_a_clear_error():
 def test_a_non_finite_stage_is_a_clear_error(stage):
   x, y = _clean_set()
   config = CONFIG.replace(inversion_steps=3, generator_steps=3)
-  variables = _model()
-  if stage == "model inversion":  # a broken model: every output NaN
-    variables = jax.tree_util.tree_map(lambda a: a * np.nan, variables)
+  run_fn = apply_fn
+  if stage == "model inversion":  # a broken model: every output NaN (its variables finite)
+    run_fn = lambda v, im: apply_fn(v, im) * jnp.nan
   else:  # perturbations so large that the triggered images overflow
     config = config.replace(perturbation_scale=1e38)
   seen = []
   config = config.replace(callback=lambda s, stats, v: seen.append(stats["name"]))
   with pytest.raises(ValueError, match=rf"^DeepInspect's {stage} diverged: .*non-finite"):
-    di.deepinspect(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(3))
+    di.deepinspect(run_fn, _model(), x, y, config, key=jax.random.PRNGKey(3))
   # The stages before the failing one finished; the failing one reported nothing.
   assert seen == ([] if stage == "model inversion" else ["inversion"])

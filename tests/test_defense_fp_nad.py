@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.core import FrozenDict
 
 from ibau_jax import defenses
 from ibau_jax.defenses import fp, nad
@@ -374,6 +375,10 @@ def test_default_layers():
     (nad.NADConfig, dict(teacher_learning_rate=-1.0), "teacher_learning_rate"),
     (nad.NADConfig, dict(weight_decay=-1.0), "weight_decay"),
     (nad.NADConfig, dict(activation="tanh"), "activation"),
+    # A callback that is not callable used to fail only after an epoch of work.
+    (fp.FPConfig, dict(callback="log"), r"^FPConfig.callback must be callable or None, "
+                                        r"got 'log'$"),
+    (nad.NADConfig, dict(callback=1), r"^NADConfig.callback must be callable or None, got 1$"),
 ])
 def test_config_validation(cls, kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -399,6 +404,32 @@ def test_bad_layers_and_inputs_raise():
                     fp.FPConfig(batch_size=8), key=key)
   with pytest.raises(ValueError, match="batch"):
     nad.nad(apply_fn, VARIABLES, X[:4], Y[:4], nad.NADConfig(batch_size=8), key=key)
+
+
+def _assert_same_leaves(a, b):
+  for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("defense", ["fp", "nad"])
+def test_a_frozen_dict_comes_back_a_frozen_dict(defense):
+  frozen = FrozenDict(VARIABLES)
+  seen = []
+  callback = lambda s, stats, v: seen.append(v)
+  if defense == "fp":
+    config = fp.FPConfig(prune_ratio=0.5, max_acc_drop=1.0, epochs=1, callback=callback, **SGD)
+    run = lambda v, c: fp.fine_pruning(apply_fn, v, X, Y, c, key=jax.random.PRNGKey(0))
+  else:
+    config = nad.NADConfig(teacher_epochs=1, epochs=1, callback=callback, **SGD)
+    run = lambda v, c: nad.nad(apply_fn, v, X, Y, c, key=jax.random.PRNGKey(0))
+  result = run(frozen, config)
+  assert type(result.variables) is FrozenDict and {type(v) for v in seen} == {FrozenDict}
+  assert jax.tree_util.tree_structure(result.variables) == jax.tree_util.tree_structure(frozen)
+  if defense == "fp":  # (the pruned channels are zero in the returned FrozenDict too)
+    pruned = result.history[0]["pruned"]
+    assert pruned and np.all(np.asarray(result.variables["params"]["bn1"]["scale"])[pruned] == 0)
+    _assert_same_leaves(result.variables,
+                        run(VARIABLES, config.replace(callback=None)).variables)
 
 
 def test_a_diverging_teacher_student_or_fine_tuning_is_a_clear_error():

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.core import FrozenDict
 
 from ibau_jax.defenses import nc, tabor
 
@@ -330,6 +331,54 @@ def test_anomaly_index_by_hand():
     nc.anomaly_index([])
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_norms_are_an_error_not_a_clean_verdict(bad):
+  # One NaN norm used to make every anomaly index NaN, so nothing was flagged.
+  norms = [0.01, 20.0, 21.0, 22.0, 23.0, bad]
+  for fn in (nc.flagged_classes, nc.anomaly_index):
+    with pytest.raises(ValueError, match=r"^norms must be finite, got \[0.01, .*\]$"):
+      fn(norms)
+  assert nc.flagged_classes(norms[:-1]) == [0]
+
+
+def _untrained():
+  return {"params": MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, H, W, 3)))["params"]}
+
+
+@pytest.mark.parametrize("method", ["nc", "tabor"])
+def test_a_diverging_reverse_engineering_is_a_clear_error(method):
+  # A model whose outputs are NaN (finite variables) makes every trigger NaN.
+  nan_apply = lambda v, x: apply_fn(v, x) * jnp.nan
+  x, y = _images(32, seed=6)
+  seen = []
+  small = dict(steps=2, log_every=2, batch_size=16, callback=lambda *a: seen.append(a))
+  name, cls, fn = (("Neural Cleanse", nc.NCConfig, nc.neural_cleanse) if method == "nc"
+                   else ("TABOR", tabor.TABORConfig, tabor.tabor))
+  with pytest.raises(ValueError, match=rf"^{name}'s trigger reverse engineering diverged: .*"
+                                       rf"non-finite \(\[.*nan.*\]\); check that the model's "
+                                       rf"outputs are finite, or lower {cls.__name__}."
+                                       "learning_rate$"):
+    fn(nan_apply, _untrained(), x, y, cls(**small), key=jax.random.PRNGKey(0))
+  assert seen == []
+
+
+def test_flagged_and_unlearned_variables_keep_the_callers_container_type():
+  x, y = _images(32, seed=6)
+  # A tiny anomaly threshold flags classes after a short reverse engineering.
+  config = nc.NCConfig(steps=2, log_every=2, batch_size=16, unlearn_epochs=1,
+                       anomaly_threshold=1e-6)
+  frozen = FrozenDict(_untrained())
+  result = nc.neural_cleanse(apply_fn, frozen, x, y, config, key=jax.random.PRNGKey(0))
+  assert result.history[0]["flagged"] and result.history[1]["stage"] == "unlearning"
+  assert type(result.variables) is FrozenDict
+  assert jax.tree_util.tree_structure(result.variables) == jax.tree_util.tree_structure(frozen)
+  plain = nc.neural_cleanse(apply_fn, _untrained(), x, y, config, key=jax.random.PRNGKey(0))
+  assert type(plain.variables) is dict
+  for a, b in zip(jax.tree_util.tree_leaves(result.variables),
+                  jax.tree_util.tree_leaves(plain.variables), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("cls,change,match", [
     (nc.NCConfig, dict(steps=0), "steps"),
     (nc.NCConfig, dict(batch_size=2.5), "batch_size"),
@@ -345,6 +394,27 @@ def test_anomaly_index_by_hand():
     (nc.NCConfig, dict(progress="yes"), "progress"),
     (nc.NCConfig, dict(checkpoint_dir=3), "checkpoint_dir"),
     (nc.NCConfig, dict(loop="gpu"), "loop"),
+    # Wrong types and infinities are refused, naming the field.
+    (nc.NCConfig, dict(learning_rate="0.1"), r"^NCConfig.learning_rate must be a finite number "
+                                             r"> 0, got '0.1'$"),
+    (nc.NCConfig, dict(learning_rate=float("inf")), r"^NCConfig.learning_rate .* got inf$"),
+    (nc.NCConfig, dict(init_cost=float("inf")), r"^NCConfig.init_cost .* got inf$"),
+    (nc.NCConfig, dict(anomaly_threshold=float("inf")), r"^NCConfig.anomaly_threshold .* inf$"),
+    (nc.NCConfig, dict(beta1=True), r"^NCConfig.beta1 must be a finite number in \[0, 1\), "
+                                    "got True$"),
+    (nc.NCConfig, dict(cost_multiplier=None), r"^NCConfig.cost_multiplier .* got None$"),
+    (nc.NCConfig, dict(attack_threshold="1"), r"^NCConfig.attack_threshold .* got '1'$"),
+    (nc.NCConfig, dict(unlearn_fraction=[0.2]), r"^NCConfig.unlearn_fraction .* got \[0.2\]$"),
+    (nc.NCConfig, dict(unlearn_learning_rate=float("inf")), r"^NCConfig.unlearn_learning_rate"),
+    (nc.NCConfig, dict(unlearn_momentum="0.9"), r"^NCConfig.unlearn_momentum .* got '0.9'$"),
+    (tabor.TABORConfig, dict(r3_weight="1e-2"), r"^TABORConfig.r3_weight must be a finite "
+                                                r"number >= 0, got '1e-2'$"),
+    (tabor.TABORConfig, dict(mask_tv_weight=float("inf")), r"^TABORConfig.mask_tv_weight"),
+    (tabor.TABORConfig, dict(learning_rate=None), r"^TABORConfig.learning_rate .* got None$"),
+    # An empty path would put the checkpoint in the working directory.
+    (nc.NCConfig, dict(checkpoint_dir=""), r"^NCConfig.checkpoint_dir must be None or a "
+                                           r"non-empty path to a folder, got '' \(an empty path"),
+    (tabor.TABORConfig, dict(checkpoint_dir=""), r"^TABORConfig.checkpoint_dir .* got '' \(an empty path"),
 ])
 def test_config_validation(cls, change, match):
   with pytest.raises(ValueError, match=match):
@@ -358,6 +428,12 @@ def test_bad_input_is_rejected():
     nc.neural_cleanse(apply_fn, variables, x, y + K, CONFIG, key=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="TABORConfig"):
     tabor.tabor(apply_fn, variables, x, y, CONFIG, key=jax.random.PRNGKey(0))
+  # A TABORConfig given to Neural Cleanse would silently lose TABOR's regularisers.
+  with pytest.raises(ValueError, match=r"^neural_cleanse: config must be an instance of "
+                                       r"NCConfig \(not of a subclass\) or None \(the "
+                                       r"defaults\), got TABORConfig$"):
+    nc.neural_cleanse(apply_fn, variables, x, y, tabor.TABORConfig(batch_size=32),
+                      key=jax.random.PRNGKey(0))
 
 
 def test_a_diverging_unlearning_is_a_clear_error():

@@ -563,6 +563,8 @@ def test_a_checkpoint_dir_that_is_or_lies_under_a_file_raises(tmp_path):
       ibau_jax.IBAUConfig.official(batch_size=20, checkpoint_dir=bad)
   with pytest.raises(ValueError, match="checkpoint_dir must be a path or None"):
     ibau_jax.IBAUConfig(checkpoint_dir=3)
+  with pytest.raises(ValueError, match="non-empty path"):
+    ibau_jax.IBAUConfig(checkpoint_dir="")
   # An existing folder, and a path where one can be made, are fine; nothing is created.
   for good in (tmp_path, str(tmp_path / "new" / "nested")):
     assert ibau_jax.IBAUConfig(checkpoint_dir=good).checkpoint_dir == good

@@ -6,7 +6,10 @@
 ``apply_fn(variables, images) -> logits`` is the caller's inference function, ``images`` and
 ``labels`` the defender's clean set (float NHWC in [0, 1], integer labels), ``config`` the
 defense's frozen config dataclass (its ``callback(step, stats, variables)`` runs after every
-round or epoch).  A defense never sees the trigger.
+round or epoch; None: the defaults; any other object: ``ValueError``).  A defense never sees
+the trigger.  Every defense first makes the checks of :func:`check_inputs` (finite
+``variables`` included), and returns ``variables`` in the caller's container type (a Flax
+``FrozenDict`` stays one).
 
 =======  ==============================================  ======================
 name     what                                            config
@@ -41,17 +44,39 @@ from ibau_jax.defenses.ft import FTConfig, fine_tune
 
 @dataclasses.dataclass(frozen=True)
 class DefenseResult:
-  """``variables``: the defended variables (same tree structure); ``history``: one dict per
-  round or epoch."""
+  """``variables``: the defended variables (same tree structure and container types as the
+  input); ``history``: one dict per round or epoch."""
 
   variables: Any
   history: list
 
 
-def check_inputs(apply_fn, variables, images, labels, batch_size: int) -> None:
-  """The input checks every defense shares (the same messages as :func:`ibau_jax.unlearn`)."""
+def check_inputs(apply_fn, variables, images, labels, batch_size: int, *,
+                 task: str = "unlearning", data: str = "clean set") -> None:
+  """The input checks every defense shares, made before any work: those of
+  :func:`ibau_jax.unlearn` on the inputs, then that every floating leaf of ``variables``
+  is finite (the message names the first leaf holding a NaN or an infinity).
+
+  Args:
+    apply_fn, variables, images, labels, batch_size: as the defense got them.
+    task: what the defense does, for the messages ("<task> needs images of at least two
+      classes", "<task> needs a model with finite parameters and statistics").
+    data: what ``images`` are, for the messages ("the <data> has a single class").
+
+  Raises:
+    ValueError: with :func:`ibau_jax.unlearn`'s messages, worded with ``task`` and ``data``.
+  """
   from ibau_jax import ibau
-  ibau.validate_clean_set(apply_fn, variables, images, labels, batch_size)
+  try:
+    ibau.validate_clean_set(apply_fn, variables, images, labels, batch_size)
+    ibau._check_finite_variables(variables)  # pylint: disable=protected-access
+  except ValueError as e:
+    message = str(e)
+    worded = message.replace("unlearning needs", f"{task} needs").replace(
+        "the clean set has", f"the {data} has")
+    if worded == message:
+      raise
+    raise ValueError(worded) from None
 
 
 def _ibau(apply_fn, variables, images, labels, config=None, *, key):

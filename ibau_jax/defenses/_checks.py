@@ -1,6 +1,10 @@
-"""Field checks shared by the defenses' config dataclasses (called from ``__post_init__``).
+"""Checks and small helpers shared by the defenses: field checks of their config dataclasses
+(called from ``__post_init__``), the config a defense runs with (:func:`config_of`),
+divergence errors (:func:`finite_loss`, :func:`finite_values`), returned variables in the
+caller's container type (:func:`with_params`) and JSON-friendly history values
+(:func:`plain`).
 
-Each check raises ``ValueError("<Class>.<field> must be ..., got <value>")``.  Integers are
+Each field check raises ``ValueError("<Class>.<field> must be ..., got <value>")``.  Integers are
 Python or numpy integers, never bools.  Real numbers come in two strengths: ``strict``
 (a finite int, float or numpy integer/floating that is not a bool) and loose (only the
 bounds are compared; NaN fails, and infinities pass where the bounds allow them).
@@ -9,9 +13,11 @@ bounds are compared; NaN fails, and infinities pass where the bounds allow them)
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
+
+from ibau_jax import _resume
 
 
 def is_real(v) -> bool:
@@ -78,6 +84,58 @@ def optional_callable(cls_name: str, obj, name: str = "callback") -> None:
   v = getattr(obj, name)
   if v is not None and not callable(v):
     raise ValueError(f"{cls_name}.{name} must be callable or None, got {v!r}")
+
+
+def bools(cls_name: str, obj, names: Iterable[str]) -> None:
+  """Checks that every field ``names`` of ``obj`` is a bool (Python or numpy)."""
+  for name in names:
+    v = getattr(obj, name)
+    if not isinstance(v, (bool, np.bool_)):
+      raise ValueError(f"{cls_name}.{name} must be a bool, got {v!r}")
+
+
+def checkpoint_folder(cls_name: str, value) -> None:
+  """Checks a config's ``checkpoint_dir`` (:func:`ibau_jax._resume.check_folder`: None, or a
+  non-empty path where a folder is or can be made)."""
+  _resume.check_folder(cls_name, value)
+
+
+def config_of(defense: str, config, cls: type, *, exact: bool = False):
+  """The config a defense runs with: ``cls()`` (the defaults) when ``config`` is None, else
+  ``config`` itself, which must be an instance of ``cls`` (of ``cls`` exactly, not of a
+  subclass, when ``exact``); ``defense`` names the defense function in the message."""
+  if config is None:
+    return cls()
+  if (type(config) is not cls) if exact else not isinstance(config, cls):
+    raise ValueError(f"{defense}: config must be an instance of {cls.__name__}"
+                     f"{' (not of a subclass)' if exact else ''} or None (the defaults), "
+                     f"got {type(config).__name__}")
+  return config
+
+
+def same_container(original: Mapping, mapping: dict) -> Mapping:
+  """``mapping`` (a dict) in the container type of ``original``: a plain dict for a dict,
+  ``type(original)(mapping)`` otherwise (e.g. a Flax ``FrozenDict`` stays one), as
+  :func:`ibau_jax.unlearn` returns its variables."""
+  return mapping if isinstance(original, dict) else type(original)(mapping)
+
+
+def with_params(variables: Mapping, params) -> Mapping:
+  """``{**variables, "params": params}`` in the container type of ``variables``."""
+  return same_container(variables, {**variables, "params": params})
+
+
+def plain(value: Any) -> Any:
+  """``value`` with NumPy and JAX arrays as (nested) lists and NumPy scalars as Python
+  numbers, through dicts, lists and tuples (tuples become lists): what history entries hold,
+  so that ``json.dumps(history)`` works."""
+  if isinstance(value, dict):
+    return {k: plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [plain(v) for v in value]
+  if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):
+    return np.asarray(value).tolist()
+  return value
 
 
 def finite_loss(loss: float, what: str, epoch: int, hint: str, unit: str = "epoch") -> None:

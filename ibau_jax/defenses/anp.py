@@ -87,19 +87,19 @@ class ANPConfig:
     threshold: pruning threshold on the masks (paper: 0.2).
     prune_number: how many neurons ``prune_by="number"`` prunes.
     prune_fraction: which fraction of the neurons ``prune_by="fraction"`` prunes, in [0, 1].
-    zero_bias: zero the bias β of pruned neurons as well as their weight (True: the neuron
-      outputs 0; False: only the weight, as the official code, i.e. ``m_k = 0``).
+    zero_bias: a bool: zero the bias β of pruned neurons as well as their weight (True: the
+      neuron outputs 0; False: only the weight, as the official code, i.e. ``m_k = 0``).
     log_every: iterations per history entry (and per compiled ``lax.scan`` chunk when the
       loop is a scan).
     callback: ``callback(iteration, stats, variables)`` after every ``log_every`` iterations,
       ``variables`` pruned by the current masks.
-    checkpoint_dir: a folder in which the mask optimisation saves its state and history
-      after every chunk (``anp.npz``, written atomically); a run given the same folder,
-      inputs, key and settings resumes from it, first replaying the saved history entries
-      to ``callback`` (each marked ``seconds_before``: the seconds it took in the earlier
-      run), and returns what an uninterrupted run returns.  A state made with anything else
-      is ignored and overwritten; the file is deleted when the defense returns.  None:
-      nothing is saved.
+    checkpoint_dir: a folder (a non-empty path) in which the mask optimisation saves its
+      state and history after every chunk (``anp.npz``, written atomically); a run given the
+      same folder, inputs, key and settings resumes from it, first replaying the saved
+      history entries to ``callback`` (each marked ``seconds_before``: the seconds it took
+      in the earlier run), and returns what an uninterrupted run returns.  A state made with
+      anything else is ignored and overwritten; the file is deleted when the defense
+      returns.  None: nothing is saved.
     loop: how the iterations run: ``"scan"``, one compiled ``lax.scan`` per ``log_every``
       chunk; ``"python"``, one compiled iteration per Python step (no host round-trip in
       between); ``"auto"``: Python on CPU, where XLA:CPU runs these convolutions inside a
@@ -130,14 +130,15 @@ class ANPConfig:
   def __post_init__(self):
     _loops.check("ANPConfig", self.loop)
     _checks.integers("ANPConfig", self, ("iterations", "batch_size", "anp_steps", "log_every"))
-    _resume.check_folder("ANPConfig", self.checkpoint_dir)
+    _checks.checkpoint_folder("ANPConfig", self.checkpoint_dir)
     _checks.integers("ANPConfig", self, ("prune_number",), minimum=0)
     _checks.reals("ANPConfig", self, ("eps",), minimum=0)
-    _checks.reals("ANPConfig", self, ("alpha",), 0, 1, strict=False)
-    _checks.sgd("ANPConfig", self, weight_decay=None, strict=False)
+    _checks.reals("ANPConfig", self, ("alpha",), 0, 1)
+    _checks.sgd("ANPConfig", self, weight_decay=None)
     if self.prune_by not in _PRUNE_BY:
       raise ValueError(f"ANPConfig.prune_by must be one of {_PRUNE_BY}, got {self.prune_by!r}")
-    _checks.reals("ANPConfig", self, ("threshold", "prune_fraction"), 0, 1, strict=False)
+    _checks.reals("ANPConfig", self, ("threshold", "prune_fraction"), 0, 1)
+    _checks.bools("ANPConfig", self, ("zero_bias",))
     if self.layers is not None:
       if isinstance(self.layers, str):
         raise ValueError(f"ANPConfig.layers must be a sequence of layer names, not a string "
@@ -257,25 +258,28 @@ def prune_neurons(variables: PyTree, pruned: Mapping[str, Any], zero_bias: bool 
                   ) -> PyTree:
   """``variables`` with the weight (``scale`` or the kernel's output channel) and, if
   ``zero_bias``, the ``bias`` of every channel in ``pruned`` (``{layer: indices}``) set to
-  0.  Everything else is returned unchanged (the same arrays)."""
+  0.  Everything else is returned unchanged (the same arrays), in the same containers (a
+  ``FrozenDict`` stays one)."""
 
   def set_path(tree, parts, layer):
     if not parts:
       return layer
-    return {**tree, parts[0]: set_path(tree[parts[0]], parts[1:], layer)}
+    return _checks.same_container(tree, {**tree, parts[0]: set_path(tree[parts[0]], parts[1:],
+                                                                    layer)})
 
   params = variables["params"]
   for name, idx in pruned.items():
     idx = np.asarray(idx, np.int64).reshape(-1)
     if idx.size == 0:
       continue
-    layer = dict(_layer_params(params, name))
+    original = _layer_params(params, name)
+    layer = dict(original)
     w = _weight_name(layer, name)
     layer[w] = jnp.asarray(layer[w]).at[..., idx].set(0)
     if zero_bias and "bias" in layer:
       layer["bias"] = jnp.asarray(layer["bias"]).at[idx].set(0)
-    params = set_path(params, name.split("/"), layer)
-  return {**variables, "params": params}
+    params = set_path(params, name.split("/"), _checks.same_container(original, layer))
+  return _checks.with_params(variables, params)
 
 
 # ----------------------------------------------------------------------------------------
@@ -363,23 +367,27 @@ def anp(apply_fn, variables: PyTree, images, labels, config: ANPConfig = ANPConf
     variables: the model's variables; only ``variables["params"]`` changes (pruned
       channels set to 0), every other collection passes through.
     images, labels: the clean set (float NHWC in [0, 1], integer labels).
-    config: :class:`ANPConfig`.
+    config: :class:`ANPConfig` (None: the defaults).
     key: PRNG key (batch order and the perturbations' random starts).
 
   Returns:
-    :class:`~ibau_jax.defenses.DefenseResult`; ``history`` has one entry per ``log_every``
-    iterations: ``iteration`` (iterations done), mean ``loss``, ``loss_nat``, ``loss_rob``,
-    ``noise_abs_max`` (largest |δ|, |ξ| used), ``masks`` (``{layer: np.ndarray}``),
+    :class:`~ibau_jax.defenses.DefenseResult` (``variables`` in the container type of the
+    input); ``history`` has one entry per ``log_every`` iterations (plain Python values, so
+    ``json.dumps`` takes it): ``iteration`` (iterations done), mean ``loss``, ``loss_nat``,
+    ``loss_rob``, ``noise_abs_max`` (largest |δ|, |ξ| used), ``masks`` (``{layer: list}``),
     ``mask_min``, ``mask_max``, ``pruned`` (``{layer: indices}`` the current masks would
     prune), ``num_pruned`` and ``seconds``.  The last entry's ``pruned`` is what was pruned.
     Entries restored from a checkpoint also have ``seconds_before`` (equal to ``seconds``).
 
   Raises:
-    ValueError: the loss of a ``log_every`` chunk, or a mask, is NaN or infinite (e.g. an ε
-      so large that the perturbed logits overflow); the last saved state is kept.
+    ValueError: a ``config`` that is not an :class:`ANPConfig`, bad inputs or non-finite
+      ``variables`` (before any work), or the loss of a ``log_every`` chunk, or a mask, is
+      NaN or infinite (e.g. an ε so large that the perturbed logits overflow); the last
+      saved state is kept.
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
-  check_inputs(apply_fn, variables, images, labels, config.batch_size)
+  config = _checks.config_of("anp", config, ANPConfig)
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="ANP")
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   channels = resolve_layers(apply_fn, variables, images, config.layers)
@@ -414,7 +422,6 @@ def anp(apply_fn, variables: PyTree, images, labels, config: ANPConfig = ANPConf
     if loaded is not None:
       done, _, (masks, opt_state), text = loaded
       for entry in json.loads(text):
-        entry["masks"] = {k: np.asarray(v, np.float32) for k, v in entry["masks"].items()}
         entry["seconds_before"] = entry["seconds"]
         history.append(entry)
         if config.callback is not None:
@@ -436,7 +443,7 @@ def anp(apply_fn, variables: PyTree, images, labels, config: ANPConfig = ANPConf
                  loss_nat=float(jnp.mean(stats["loss_nat"])),
                  loss_rob=float(jnp.mean(stats["loss_rob"])),
                  noise_abs_max=float(jnp.max(stats["noise_abs_max"])),
-                 masks=host_masks,
+                 masks={k: v.tolist() for k, v in host_masks.items()},
                  mask_min=float(all_masks.min()), mask_max=float(all_masks.max()),
                  pruned={k: v.tolist() for k, v in pruned.items()},
                  num_pruned=int(sum(v.size for v in pruned.values())),

@@ -120,13 +120,13 @@ class DeepInspectConfig:
       python on CPU, scan elsewhere.  Both give the same result.
     callback: ``callback(stage_index, stats, variables)`` after every stage (0: inversion,
       1: trigger generation, 2: detection, 3: patching); its return value is ignored.
-    checkpoint_dir: a folder in which the inverted images and the trained generator are
-      saved after stages 1 and 2 (``deepinspect.npz``, written atomically); a run given the
-      same folder, inputs, key and settings skips the saved stages (replaying their history
-      entries to ``callback``, each marked ``seconds_before``: its seconds in the earlier
-      run) and returns what an uninterrupted run returns.  A state made with anything else
-      is ignored and overwritten; the file is deleted when the defense returns.  None:
-      nothing is saved.
+    checkpoint_dir: a folder (a non-empty path) in which the inverted images and the trained
+      generator are saved after stages 1 and 2 (``deepinspect.npz``, written atomically); a
+      run given the same folder, inputs, key and settings skips the saved stages (replaying
+      their history entries to ``callback``, each marked ``seconds_before``: its seconds in
+      the earlier run) and returns what an uninterrupted run returns.  A state made with
+      anything else is ignored and overwritten; the file is deleted when the defense
+      returns.  None: nothing is saved.
   """
 
   batch_size: int = 64
@@ -157,7 +157,7 @@ class DeepInspectConfig:
 
   def __post_init__(self):
     name = "DeepInspectConfig"
-    _resume.check_folder(name, self.checkpoint_dir)
+    _checks.checkpoint_folder(name, self.checkpoint_dir)
     _checks.integers(name, self, ("batch_size", "inversion_per_class", "inversion_steps",
                                   "noise_dim", "generator_hidden", "generator_steps",
                                   "statistic_samples", "patch_epochs"))
@@ -166,10 +166,7 @@ class DeepInspectConfig:
     _checks.sgd(name, self, "patch_lr", "patch_momentum", "patch_weight_decay")
     _checks.reals(name, self, ("perturbation_scale", "threshold"), minimum=0, min_open=True)
     _checks.reals(name, self, ("patch_fraction",), 0, 1, min_open=True)
-    for name in ("use_clean_set_for_generation", "use_clean_set_for_patching"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"DeepInspectConfig.{name} must be a bool, got "
-                         f"{getattr(self, name)!r}")
+    _checks.bools(name, self, ("use_clean_set_for_generation", "use_clean_set_for_patching"))
     _loops.check("DeepInspectConfig", self.loop)
     _checks.optional_callable("DeepInspectConfig", self)
 
@@ -479,11 +476,13 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
     apply_fn: ``apply_fn(variables, images) -> logits`` in inference mode.
     variables: the model's Flax variables; only ``"params"`` changes.
     images, labels: the defender's clean set (NHWC float in [0, 1], integer labels).
-    config: :class:`DeepInspectConfig`.
+    config: :class:`DeepInspectConfig` (None: the defaults).
     key: PRNG key; every random draw derives from it.
 
   Returns:
-    :class:`~ibau_jax.defenses.DefenseResult`.  ``history`` has one dict per stage, each with
+    :class:`~ibau_jax.defenses.DefenseResult`: ``variables`` unchanged (the same object)
+    when nothing is flagged, else patched (in the container type of the input).
+    ``history`` (plain Python values: lists, not arrays) has one dict per stage, each with
     ``stage`` (index), ``name`` and ``seconds``: ``"inversion"`` (per-class ``loss``,
     ``cross_entropy``, ``initial_prob``, ``prob``), ``"trigger_generation"`` (per-class
     ``statistic``, ``success``, ``cross_entropy``; ``initial_loss``, ``final_loss``),
@@ -492,12 +491,14 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
     ``patched`` False and no losses when nothing was flagged).
 
   Raises:
-    ValueError: the inversion's or the generator's final losses, or a patching epoch's
+    ValueError: a ``config`` that is not a :class:`DeepInspectConfig`, bad inputs or
+      non-finite ``variables`` (before any work), or the inversion's or the generator's final losses, or a patching epoch's
       mean loss, are NaN or infinite (lower ``inversion_lr``, ``generator_lr`` or
       ``patch_lr``); nothing of that stage is saved.
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
-  check_inputs(apply_fn, variables, images, labels, config.batch_size)
+  config = _checks.config_of("deepinspect", config, DeepInspectConfig)
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="DeepInspect")
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   image_shape = tuple(images.shape[1:])
@@ -509,13 +510,13 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
   history = []
 
   def finish(name, start, stats, params_now, save_state=None):
-    entry = dict(stage=len(history), name=name, **stats,
+    entry = dict(stage=len(history), name=name, **_checks.plain(stats),
                  seconds=time.perf_counter() - start)
     history.append(entry)
     if save_state is not None:
       save(*save_state)
     if config.callback is not None:
-      config.callback(entry["stage"], dict(entry), {**variables, "params": params_now})
+      config.callback(entry["stage"], dict(entry), _checks.with_params(variables, params_now))
 
   # Stages 1 and 2 are saved (with the history so far) when a checkpoint folder is given.
   path = _resume.path(config.checkpoint_dir, CHECKPOINT_FILE)
@@ -533,8 +534,6 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
       done, _, state, text = loaded
       inverted, gen_params = state["inverted"], state["gen_params"]
       for entry in json.loads(text):
-        entry = {k: np.asarray(v, np.float32) if isinstance(v, list) else v
-                 for k, v in entry.items()}
         entry["seconds_before"] = entry["seconds"]
         history.append(entry)
         if config.callback is not None:
@@ -612,7 +611,7 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
                         "lower DeepInspectConfig.patch_lr")
   finish("patching", start, dict(patched=True, flagged=list(flagged), losses=losses), params)
   _resume.remove(path)
-  return DefenseResult(variables={**variables, "params": params}, history=history)
+  return DefenseResult(variables=_checks.with_params(variables, params), history=history)
 
 
 __all__ = ["DeepInspectConfig", "TriggerGenerator", "deepinspect", "double_mad_anomaly",

@@ -201,21 +201,25 @@ def dp_sgd(apply_fn, variables: PyTree, images, labels, config: DPConfig = DPCon
       this defense replaces training on the possibly poisoned data).
     images, labels: the (possibly poisoned) training set, float NHWC in [0, 1] and integer
       labels.
-    config: :class:`DPConfig`.
+    config: :class:`DPConfig` (None: the defaults).
     key: PRNG key (batch order and the noise).
 
   Returns:
-    :class:`~ibau_jax.defenses.DefenseResult`; ``history`` has one entry per epoch:
-    ``epoch``, mean (non-private) training ``loss``, mean per-example ``grad_norm`` before
-    clipping, ``clipped_fraction`` (of per-example gradients with norm above C) and
-    ``seconds``.
+    :class:`~ibau_jax.defenses.DefenseResult` (``variables`` in the container type of the
+    input); ``history`` has one entry per epoch: ``epoch``, mean (non-private) training
+    ``loss``, mean per-example ``grad_norm`` before clipping, ``clipped_fraction`` (of
+    per-example gradients with norm above C) and ``seconds``.
 
   Raises:
-    ValueError: an epoch's mean loss is NaN or infinite (the run diverged; the message names
-      the settings to lower) instead of returning NaN parameters.
+    ValueError: a ``config`` that is not a :class:`DPConfig`, bad inputs (e.g. a training
+      set of a single class) or non-finite ``variables`` (before any work), or an epoch's
+      mean loss is NaN or infinite (the run diverged; the message names the settings to
+      lower) instead of returning NaN parameters.
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
-  check_inputs(apply_fn, variables, images, labels, config.batch_size)
+  config = _checks.config_of("dp_sgd", config, DPConfig)
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="DP-SGD training",
+               data="training set")
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   params = variables["params"]
@@ -241,5 +245,5 @@ def dp_sgd(apply_fn, variables: PyTree, images, labels, config: DPConfig = DPCon
                         "lower DPConfig.learning_rate or noise_multiplier, or raise batch_size")
     history.append(entry)
     if config.callback is not None:
-      config.callback(epoch, dict(entry), {**variables, "params": params})
-  return DefenseResult(variables={**variables, "params": params}, history=history)
+      config.callback(epoch, dict(entry), _checks.with_params(variables, params))
+  return DefenseResult(variables=_checks.with_params(variables, params), history=history)

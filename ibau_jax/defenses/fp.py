@@ -131,6 +131,7 @@ class FPConfig:
     _checks.integers("FPConfig", self, ("epochs",), minimum=0)
     _checks.integers("FPConfig", self, ("batch_size",))
     _checks.sgd("FPConfig", self)
+    _checks.optional_callable("FPConfig", self)
 
   def replace(self, **changes) -> "FPConfig":
     return dataclasses.replace(self, **changes)
@@ -311,8 +312,8 @@ def fine_tune_masked(apply_fn, variables: PyTree, images, labels, keep: PyTree,
                         "lower FPConfig.learning_rate or raise batch_size")
     history.append(entry)
     if callback is not None:
-      callback(epoch, dict(entry), {**variables, "params": params})
-  return {**variables, "params": params}, history
+      callback(epoch, dict(entry), _checks.with_params(variables, params))
+  return _checks.with_params(variables, params), history
 
 
 # ----------------------------------------------------------------------------------------
@@ -329,12 +330,12 @@ def fine_pruning(apply_fn, variables: PyTree, images, labels, config: FPConfig =
       model: its layers are reached through :mod:`ibau_jax.defenses.layers`).
     variables: the model's variables; only ``params`` change.
     images, labels: the defender's clean set (float NHWC in [0, 1], integer labels).
-    config: :class:`FPConfig`.
+    config: :class:`FPConfig` (None: the defaults).
     key: PRNG key of the fine-tuning shuffles (pruning is deterministic).
 
   Returns:
-    :class:`~ibau_jax.defenses.DefenseResult`: ``variables`` with the pruning baked into
-    ``params`` (see the module docstring), ``history``: first the pruning entry
+    :class:`~ibau_jax.defenses.DefenseResult`: ``variables`` (in the container type of the
+    input) with the pruning baked into ``params`` (see the module docstring), ``history``: first the pruning entry
     (``stage="prune"``, ``layer``, ``activation``, ``mean_activation`` per channel,
     ``order`` (channels by increasing mean activation), ``steps`` (one dict per tried step:
     ``num_pruned``, ``accuracy``, ``accepted``), ``base_accuracy``, ``num_pruned``,
@@ -343,11 +344,13 @@ def fine_pruning(apply_fn, variables: PyTree, images, labels, config: FPConfig =
     mean ``loss``, ``seconds``).
 
   Raises:
-    ValueError: bad inputs, a layer name that is not in the model, or a layer whose output
-      channels cannot be zeroed through its parameters.
+    ValueError: a ``config`` that is not an :class:`FPConfig`, bad inputs, non-finite
+      ``variables``, a layer name that is not in the model, a layer whose output channels
+      cannot be zeroed through its parameters, or a fine-tuning that diverged.
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
-  check_inputs(apply_fn, variables, images, labels, config.batch_size)
+  config = _checks.config_of("fine_pruning", config, FPConfig)
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="Fine-Pruning")
   start = time.perf_counter()
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
@@ -387,7 +390,7 @@ def fine_pruning(apply_fn, variables: PyTree, images, labels, config: FPConfig =
   pruned = order[:num_pruned]
 
   params, keep_tree = prune_params(variables["params"], layer, kind, pruned)
-  pruned_vars = {**variables, "params": params}
+  pruned_vars = _checks.with_params(variables, params)
   prune_entry = dict(stage="prune", layer=layer, activation=config.activation,
                      mean_activation=[float(m) for m in mean_act],
                      order=[int(c) for c in order], steps=steps, base_accuracy=base_acc,

@@ -42,7 +42,8 @@ class FTConfig:
 
   def __post_init__(self):
     _checks.integers("FTConfig", self, ("epochs", "batch_size"))
-    _checks.sgd("FTConfig", self, strict=False)
+    _checks.sgd("FTConfig", self)
+    _checks.optional_callable("FTConfig", self)
 
   def replace(self, **changes) -> "FTConfig":
     return dataclasses.replace(self, **changes)
@@ -68,15 +69,20 @@ def fine_tune(apply_fn, variables: PyTree, images, labels, config: FTConfig = FT
               key: jax.Array, what: str = "fine-tuning",
               hint: str = "lower FTConfig.learning_rate or raise batch_size"):
   """Fine-tunes ``variables["params"]`` on ``(images, labels)``; returns
-  :class:`~ibau_jax.defenses.DefenseResult` (``history``: ``epoch``, mean ``loss``,
-  ``seconds`` per epoch).
+  :class:`~ibau_jax.defenses.DefenseResult` (``variables`` in the container type of the
+  input, ``history``: ``epoch``, mean ``loss``, ``seconds`` per epoch).  ``config`` None:
+  the defaults.
 
-  Raises ValueError (``"<what> diverged ... <hint>"``) when an epoch's mean loss is not
-  finite, rather than returning NaN parameters: SGD on a model whose BatchNorm statistics
-  are frozen (inference mode) can diverge (a CPU-preset CIFAR-10 blend model did at lr 0.01
-  with batches of 64, and did not with batches of 128)."""
+  Raises ValueError for a ``config`` that is not an :class:`FTConfig`, for bad inputs or
+  non-finite ``variables`` (before any work), and (``"<what> diverged ... <hint>"``) when
+  an epoch's mean loss is not finite.
+
+  Divergence is an error rather than NaN parameters: SGD on a model whose BatchNorm
+  statistics are frozen (inference mode) can diverge (a CPU-preset CIFAR-10 blend model did
+  at lr 0.01 with batches of 64, and did not with batches of 128)."""
   from ibau_jax.defenses import DefenseResult, check_inputs
-  check_inputs(apply_fn, variables, images, labels, config.batch_size)
+  config = _checks.config_of("fine_tune", config, FTConfig)
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="fine-tuning")
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   params = variables["params"]
@@ -99,5 +105,5 @@ def fine_tune(apply_fn, variables: PyTree, images, labels, config: FTConfig = FT
     _checks.finite_loss(entry["loss"], what, epoch, hint)
     history.append(entry)
     if config.callback is not None:
-      config.callback(epoch, dict(entry), {**variables, "params": params})
-  return DefenseResult(variables={**variables, "params": params}, history=history)
+      config.callback(epoch, dict(entry), _checks.with_params(variables, params))
+  return DefenseResult(variables=_checks.with_params(variables, params), history=history)

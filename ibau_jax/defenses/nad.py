@@ -159,6 +159,7 @@ class NADConfig:
     _checks.integers("NADConfig", self, ("teacher_epochs", "epochs", "batch_size"))
     _checks.sgd("NADConfig", self, learning_rate="teacher_learning_rate")
     _checks.sgd("NADConfig", self)
+    _checks.optional_callable("NADConfig", self)
 
   def replace(self, **changes) -> "NADConfig":
     return dataclasses.replace(self, **changes)
@@ -207,23 +208,26 @@ def nad(apply_fn, variables: PyTree, images, labels, config: NADConfig = NADConf
       model: its layers are reached through :mod:`ibau_jax.defenses.layers`).
     variables: the model's variables; only ``params`` change.
     images, labels: the defender's clean set (float NHWC in [0, 1], integer labels).
-    config: :class:`NADConfig`.
+    config: :class:`NADConfig` (None: the defaults).
     key: PRNG key; ``teacher_key, student_key = jax.random.split(key)`` shuffle the teacher's
       and the student's epochs (``permutation(fold_in(k, epoch), n)``, as ``fine_tune``).
 
   Returns:
-    :class:`~ibau_jax.defenses.DefenseResult`: the student's variables; ``history``: one
-    entry per teacher epoch (``stage="teacher"``, ``epoch``, mean ``loss``, ``seconds``),
-    then one per student epoch (``stage="student"``, ``epoch``, ``layers``, ``betas``, mean
-    total ``loss``, mean ``ce``, mean unweighted ``attention`` loss per layer, ``seconds``).
+    :class:`~ibau_jax.defenses.DefenseResult`: the student's variables (in the container
+    type of the input); ``history``: one entry per teacher epoch (``stage="teacher"``,
+    ``epoch``, mean ``loss``, ``seconds``), then one per student epoch (``stage="student"``,
+    ``epoch``, ``layers``, ``betas``, mean total ``loss``, mean ``ce``, mean unweighted
+    ``attention`` loss per layer, ``seconds``).
 
   Raises:
-    ValueError: bad inputs, a layer name that is not in the model, a layer output of rank
-      < 3, a number of betas that differs from the number of layers, or a teacher or student
-      whose loss became non-finite (diverged).
+    ValueError: a ``config`` that is not a :class:`NADConfig`, bad inputs, non-finite
+      ``variables``, a layer name that is not in the model, a layer output of rank < 3, a
+      number of betas that differs from the number of layers, or a teacher or student whose
+      loss became non-finite (diverged).
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
-  check_inputs(apply_fn, variables, images, labels, config.batch_size)
+  config = _checks.config_of("nad", config, NADConfig)
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="NAD")
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   known = layer_kinds(apply_fn, variables, images[:1])
@@ -287,5 +291,5 @@ def nad(apply_fn, variables: PyTree, images, labels, config: NADConfig = NADConf
                         "lower NADConfig.learning_rate or betas, or raise batch_size")
     history.append(entry)
     if config.callback is not None:
-      config.callback(epoch, dict(entry), {**variables, "params": params})
-  return DefenseResult(variables={**variables, "params": params}, history=history)
+      config.callback(epoch, dict(entry), _checks.with_params(variables, params))
+  return DefenseResult(variables=_checks.with_params(variables, params), history=history)

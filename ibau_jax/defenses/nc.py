@@ -121,11 +121,11 @@ class NCConfig:
     log_every: reverse-engineering steps per compiled chunk, per ``progress`` call and per
       checkpoint (the result does not depend on it).
     progress: ``progress(steps_done, steps)`` after every chunk of the reverse engineering.
-    checkpoint_dir: a folder in which the reverse engineering saves its state after every
-      chunk (``nc_reverse.npz``, written atomically); a run given the same folder, inputs,
-      key and settings resumes from it and returns what an uninterrupted run returns (a
-      state made with anything else is ignored and overwritten).  The file is deleted when
-      the defense returns.  None: nothing is saved.
+    checkpoint_dir: a folder (a non-empty path) in which the reverse engineering saves its
+      state after every chunk (``nc_reverse.npz``, written atomically); a run given the same
+      folder, inputs, key and settings resumes from it and returns what an uninterrupted run
+      returns (a state made with anything else is ignored and overwritten).  The file is
+      deleted when the defense returns.  None: nothing is saved.
     loop: how an unlearning epoch runs: ``"scan"``, one compiled ``lax.scan`` over its
       batches; ``"python"``, one compiled step per batch (on CPU about 10x faster: XLA:CPU
       runs weight gradients inside loops slowly); ``"auto"``, python on CPU, scan elsewhere.
@@ -162,21 +162,20 @@ class NCConfig:
     _loops.check(name, self.loop)
     _checks.integers(name, self, ("steps", "batch_size", "patience", "log_every"))
     _checks.integers(name, self, ("unlearn_epochs",), minimum=0)
-    # Loose checks (bounds only; NaN fails, infinities pass where the bounds allow).
-    _checks.reals(name, self, ("learning_rate",), minimum=0, min_open=True, strict=False)
-    _checks.reals(name, self, ("beta1", "beta2"), 0, 1, max_open=True, strict=False)
-    _checks.reals(name, self, ("init_cost",), minimum=0, min_open=True, strict=False)
-    _checks.reals(name, self, ("cost_multiplier",), minimum=1, min_open=True, strict=False)
-    _checks.reals(name, self, ("attack_threshold",), 0, 1, min_open=True, strict=False)
-    _checks.reals(name, self, ("anomaly_threshold",), minimum=0, min_open=True, strict=False)
-    _checks.reals(name, self, ("unlearn_fraction",), 0, 1, strict=False)
-    _checks.sgd(name, self, "unlearn_learning_rate", "unlearn_momentum", None, strict=False)
+    _checks.reals(name, self, ("learning_rate",), minimum=0, min_open=True)
+    _checks.reals(name, self, ("beta1", "beta2"), 0, 1, max_open=True)
+    _checks.reals(name, self, ("init_cost",), minimum=0, min_open=True)
+    _checks.reals(name, self, ("cost_multiplier",), minimum=1, min_open=True)
+    _checks.reals(name, self, ("attack_threshold",), 0, 1, min_open=True)
+    _checks.reals(name, self, ("anomaly_threshold",), minimum=0, min_open=True)
+    _checks.reals(name, self, ("unlearn_fraction",), 0, 1)
+    _checks.sgd(name, self, "unlearn_learning_rate", "unlearn_momentum", None)
     if self.unlearn_optimizer not in ("sgd", "adam"):
       raise ValueError(f"{name}.unlearn_optimizer must be 'sgd' or 'adam', got "
                        f"{self.unlearn_optimizer!r}")
     _checks.optional_callable(name, self, "callback")
     _checks.optional_callable(name, self, "progress")
-    _resume.check_folder(name, self.checkpoint_dir)
+    _checks.checkpoint_folder(name, self.checkpoint_dir)
 
   def replace(self, **changes):
     return dataclasses.replace(self, **changes)
@@ -191,10 +190,14 @@ def anomaly_index(norms) -> np.ndarray:
   """``|n_t − median(n)| / (1.4826 · median_t |n_t − median(n)|)`` for a 1-D array of norms.
 
   With a zero MAD the index is 0 for norms equal to the median and ``inf`` for the others.
+  ValueError for norms that are not a non-empty 1-D array of finite numbers (one NaN would
+  make every index NaN, and nothing would be flagged).
   """
   norms = np.asarray(norms, np.float64)
   if norms.ndim != 1 or norms.size == 0:
     raise ValueError(f"norms must be a non-empty 1-D array, got shape {norms.shape}")
+  if not np.all(np.isfinite(norms)):
+    raise ValueError(f"norms must be finite, got {norms.tolist()}")
   deviation = np.abs(norms - np.median(norms))
   mad = _MAD_CONSISTENCY * np.median(deviation)
   if mad == 0:
@@ -203,7 +206,8 @@ def anomaly_index(norms) -> np.ndarray:
 
 
 def flagged_classes(norms, threshold: float = 2.0) -> list[int]:
-  """Classes whose norm is below the median and whose anomaly index exceeds ``threshold``."""
+  """Classes whose norm is below the median and whose anomaly index exceeds ``threshold``
+  (ValueError for non-finite norms, as :func:`anomaly_index`)."""
   norms = np.asarray(norms, np.float64)
   index = anomaly_index(norms)
   median = np.median(norms)
@@ -483,11 +487,17 @@ def _unlearn_epoch(config: NCConfig, apply_fn, params, opt_state, rest, images, 
 def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *,
                 key: jax.Array, regulariser: Optional[Regulariser] = None):
   """Neural Cleanse's three stages with an optional extra regulariser in step 1 (shared by
-  :func:`neural_cleanse` and :func:`ibau_jax.defenses.tabor.tabor`).  Raises
-  ValueError when an unlearning epoch's mean loss is NaN or infinite (lower
-  ``unlearn_learning_rate``) rather than returning NaN parameters."""
+  :func:`neural_cleanse` and :func:`ibau_jax.defenses.tabor.tabor`; ``config`` None: the
+  defaults).  Raises ValueError for a ``config`` that is not an :class:`NCConfig`, for bad
+  inputs or non-finite ``variables`` (before any work), when a trigger norm of step 1 is NaN
+  or infinite (the reverse engineering diverged; detection would flag nothing), and when
+  an unlearning epoch's mean loss is NaN or infinite (lower ``unlearn_learning_rate``),
+  rather than returning NaN parameters."""
   from ibau_jax.defenses import DefenseResult, check_inputs
-  check_inputs(apply_fn, variables, images, labels, config.batch_size)
+  config = _checks.config_of("run_defense", config, NCConfig)
+  cls = type(config).__name__
+  what = _NAMES.get(cls, cls)
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, task=what)
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   k_reverse, k_unlearn = jax.random.split(key)
@@ -496,6 +506,9 @@ def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *
   start = time.perf_counter()
   rev = reverse_engineer(apply_fn, variables, images, labels, config, key=k_reverse,
                          regulariser=regulariser)
+  _checks.finite_values(rev["norms"], f"{what}'s trigger reverse engineering",
+                        "check that the model's outputs are finite, or lower "
+                        f"{cls}.learning_rate")
   flagged = flagged_classes(rev["norms"], config.anomaly_threshold)
   entry = dict(stage="reverse_engineering", norms=rev["norms"].tolist(),
                anomaly_index=anomaly_index(rev["norms"]).tolist(), flagged=flagged,
@@ -523,10 +536,9 @@ def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *
                                              labels, masks, patterns,
                                              jax.random.fold_in(k_unlearn, epoch), config.loop)
     losses.append(float(loss))
-    cls = type(config).__name__
-    _checks.finite_loss(losses[-1], f"{_NAMES.get(cls, cls)}'s unlearning", epoch,
+    _checks.finite_loss(losses[-1], f"{what}'s unlearning", epoch,
                         f"lower {cls}.unlearn_learning_rate")
-  defended = {**variables, "params": params}
+  defended = _checks.with_params(variables, params)
   entry = dict(stage="unlearning", epoch_losses=losses, trigger_classes=flagged,
                seconds=time.perf_counter() - start)
   history.append(entry)
@@ -548,7 +560,11 @@ def neural_cleanse(apply_fn, variables: PyTree, images, labels, config: NCConfig
   """Neural Cleanse: reverse-engineers a trigger per class, flags abnormally small ones and
   unlearns them (see the module docstring); returns
   :class:`~ibau_jax.defenses.DefenseResult` (``variables`` unchanged, the same object, when
-  no class is flagged)."""
+  no class is flagged; else in the container type of the input).  ``config``: an
+  :class:`NCConfig` exactly (a :class:`~ibau_jax.defenses.tabor.TABORConfig` is refused:
+  its regularisers would be ignored; use :func:`~ibau_jax.defenses.tabor.tabor`), or None
+  for the defaults."""
+  config = _checks.config_of("neural_cleanse", config, NCConfig, exact=True)
   return run_defense(apply_fn, variables, images, labels, config, key=key)
 
 

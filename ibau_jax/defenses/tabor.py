@@ -76,7 +76,7 @@ class TABORConfig(nc.NCConfig):
     _checks.reals("TABORConfig", self, ("mask_norm_weight", "pattern_l1_weight",
                                         "pattern_l2_weight", "mask_tv_weight",
                                         "pattern_tv_weight", "r3_weight", "r4_weight"),
-                  minimum=0, strict=False)
+                  minimum=0)
 
 
 def _smoothness(z: jax.Array) -> jax.Array:
@@ -112,9 +112,8 @@ def tabor(apply_fn, variables: PyTree, images, labels, config: TABORConfig = TAB
           key: jax.Array):
   """TABOR: Neural Cleanse with TABOR's regularisers in the trigger reverse engineering (see
   the module docstring); returns :class:`~ibau_jax.defenses.DefenseResult` with Neural
-  Cleanse's history."""
-  if not isinstance(config, TABORConfig):
-    raise ValueError(f"tabor needs a TABORConfig, got {type(config).__name__}")
+  Cleanse's history (``config`` None: the defaults)."""
+  config = _checks.config_of("tabor", config, TABORConfig)
   return nc.run_defense(apply_fn, variables, images, labels, config, key=key,
                         regulariser=tabor_regulariser)
 
