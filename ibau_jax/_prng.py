@@ -53,6 +53,27 @@ def randint(key, shape, minval, maxval, dtype=jnp.int32) -> jax.Array:
   return jax.random.randint(key, _flat(shape), minval, maxval, dtype).reshape(shape)
 
 
+def check_key(key, name: str = "key") -> None:
+  """Raises a ``ValueError`` unless ``key`` is one PRNG key: a typed key array of shape ()
+  (``jax.random.key(seed)``) or a raw ``uint32`` array of shape (2,)
+  (``jax.random.PRNGKey(seed)``).
+
+  Args:
+    key: what the caller passed.
+    name: the argument's name, for the message.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+  if isinstance(key, (jax.Array, np.ndarray)):
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+      return
+    if dtype == np.uint32 and shape == (2,):
+      return
+  got = f"{type(key).__name__} {dtype} {shape}" if dtype is not None else repr(key)
+  raise ValueError(f"{name} must be a PRNG key, jax.random.key(seed) or "
+                   f"jax.random.PRNGKey(seed); got {got}")
+
+
 def lecun_normal():
   """Flax's default kernel initializer, ``nn.initializers.lecun_normal()``, drawn flat.
 

@@ -53,6 +53,7 @@ import numpy as np
 import optax
 
 from ibau_jax import _loops
+from ibau_jax import _prng
 from ibau_jax import _resume
 from ibau_jax import hypergrad
 from ibau_jax import probe
@@ -897,10 +898,11 @@ def _compiled_static(config: IBAUConfig) -> IBAUConfig:
                                         for f in _HOST_ONLY_FIELDS})
 
 
-def _validate(apply_fn, variables, images, labels, config) -> int:
+def _validate(apply_fn, variables, images, labels, config, key) -> int:
   """Checks the inputs of :func:`unlearn`; returns the number of classes."""
   if not isinstance(config, IBAUConfig):
     raise ValueError(f"config must be an IBAUConfig, got {type(config).__name__}")
+  _prng.check_key(key)
   num_classes = validate_clean_set(apply_fn, variables, images, labels, config.batch_size)
   _check_finite_variables(variables)
   return num_classes
@@ -1080,7 +1082,7 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
     NonFiniteHypergradientError: if the hypergradient turns NaN/inf; the round is stopped
       and the input ``variables`` are left as they were (JAX arrays are never mutated).
   """
-  _validate(apply_fn, variables, images, labels, config)
+  _validate(apply_fn, variables, images, labels, config, key)
   path = _resume.path(config.checkpoint_dir, CHECKPOINT_FILE)
   digest = ""
   if path is not None:

@@ -588,6 +588,7 @@ def fit(model: nn.Module, images: Any, labels: Any, config: TrainConfig, *,
 
   if key is None:
     key = jax.random.PRNGKey(config.seed)
+  _prng.check_key(key)
   init_key, shuffle_key, step_key = jax.random.split(key, 3)
   state = _init_state(model, config, images.shape[1:], init_key, steps_per_epoch)
   num_classes = _num_classes(state, images.shape[1:])

@@ -772,3 +772,10 @@ def test_poison_wanet_noise_mode_adds_cross_samples_with_true_labels():
     poison(x, labels, BadNets(target=0), 0.2, key=key, noise_ratio=0.1)
   with pytest.raises(ValueError, match="only .* are not poisoned"):
     poison(x, labels, attack, 0.5, key=key, noise_ratio=0.9)
+
+
+def test_poison_checks_its_key():
+  from ibau_jax.attacks import get_attack, poison
+  x = np.random.default_rng(0).uniform(0, 1, (8, 6, 6, 3)).astype(np.float32)
+  with pytest.raises(ValueError, match="poison: key must be a PRNG key"):
+    poison(x, np.arange(8) % 4, get_attack("blend", target=1), 0.5, key=7, num_classes=4)

@@ -75,6 +75,15 @@ def test_fine_tune_rejects_bad_input(change, match):
                        defenses.FTConfig(batch_size=8), key=jax.random.PRNGKey(0))
 
 
+@pytest.mark.parametrize("name", ["ft", "fp", "nad", "anp", "nc", "tabor", "deepinspect", "dp",
+                                  "ibau"])
+def test_every_defense_checks_its_key_first(name):
+  fn, _ = defenses.get_defense(name)
+  x, y = _data(24)
+  with pytest.raises(ValueError, match="key must be a PRNG key"):
+    fn(apply_fn, _variables(), x, y, None, key=0)
+
+
 def test_ft_config_validation():
   with pytest.raises(ValueError, match="epochs"):
     defenses.FTConfig(epochs=0)

@@ -96,3 +96,13 @@ def test_models_initialise_and_drop_out_exactly_as_with_flax_defaults(monkeypatc
     monkeypatch.setattr(_prng, name, unused)
   theirs = run()
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), ours, theirs)
+
+
+def test_check_key_takes_both_key_kinds_and_names_the_argument():
+  _prng.check_key(jax.random.PRNGKey(0))
+  _prng.check_key(jax.random.key(0))
+  _prng.check_key(np.asarray(jax.random.PRNGKey(3)))
+  for bad in (0, None, "seed", jax.random.split(jax.random.PRNGKey(0)), jax.random.key(0)[None],
+              np.zeros(2, np.int32), np.zeros(3, np.uint32)):
+    with pytest.raises(ValueError, match=r"^rng must be a PRNG key"):
+      _prng.check_key(bad, "rng")

@@ -265,6 +265,8 @@ def test_fit_bad_arguments():
     train.fit(TinyNet(), x, y[:-1], base_config())
   with pytest.raises(ValueError, match="config"):
     train.fit(TinyNet(), x, y, {"epochs": 1})
+  with pytest.raises(ValueError, match="key must be a PRNG key"):
+    train.fit(TinyNet(), x, y, base_config(), key=0)
 
 
 def _nan_at_0(x):

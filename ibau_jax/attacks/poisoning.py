@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ibau_jax import _prng
 from ibau_jax.attacks.base import (Attack, check_float, check_layout,
                                    check_unit_range)
 from ibau_jax.attacks.multi_target import MultiTarget
@@ -85,6 +86,7 @@ def assign(labels: Any, attack: AnyAttack, ratio: float, *, key: jax.Array,
   ``num_classes`` (here or on the attacks), ``> max(labels)`` (see the module
   docstring).
   """
+  _prng.check_key(key, "poison: key")
   ratio = check_float(ratio, "poison", "ratio", low=0.0, high=1.0)
   attacks = _sub_attacks(attack)
   known = {a.resolve_num_classes(num_classes) for a in attacks} - {None}

@@ -52,7 +52,7 @@ class DefenseResult:
 
 
 def check_inputs(apply_fn, variables, images, labels, batch_size: int, *,
-                 task: str = "unlearning", data: str = "clean set") -> None:
+                 task: str = "unlearning", data: str = "clean set", key=None) -> None:
   """The input checks every defense shares, made before any work: those of
   :func:`ibau_jax.unlearn` on the inputs, then that every floating leaf of ``variables``
   is finite (the message names the first leaf holding a NaN or an infinity).
@@ -62,11 +62,14 @@ def check_inputs(apply_fn, variables, images, labels, batch_size: int, *,
     task: what the defense does, for the messages ("<task> needs images of at least two
       classes", "<task> needs a model with finite parameters and statistics").
     data: what ``images`` are, for the messages ("the <data> has a single class").
+    key: the defense's PRNG key, checked when given (:func:`ibau_jax._prng.check_key`).
 
   Raises:
     ValueError: with :func:`ibau_jax.unlearn`'s messages, worded with ``task`` and ``data``.
   """
-  from ibau_jax import ibau
+  from ibau_jax import _prng, ibau
+  if key is not None:
+    _prng.check_key(key)
   try:
     ibau.validate_clean_set(apply_fn, variables, images, labels, batch_size)
     ibau._check_finite_variables(variables)  # pylint: disable=protected-access

@@ -387,7 +387,8 @@ def anp(apply_fn, variables: PyTree, images, labels, config: ANPConfig = ANPConf
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
   config = _checks.config_of("anp", config, ANPConfig)
-  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="ANP")
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, key=key,
+               task="ANP")
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   channels = resolve_layers(apply_fn, variables, images, config.layers)

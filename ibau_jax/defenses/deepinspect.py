@@ -498,7 +498,8 @@ def deepinspect(apply_fn, variables: PyTree, images, labels,
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
   config = _checks.config_of("deepinspect", config, DeepInspectConfig)
-  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="DeepInspect")
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, key=key,
+               task="DeepInspect")
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   image_shape = tuple(images.shape[1:])

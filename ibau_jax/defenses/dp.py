@@ -218,8 +218,8 @@ def dp_sgd(apply_fn, variables: PyTree, images, labels, config: DPConfig = DPCon
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
   config = _checks.config_of("dp_sgd", config, DPConfig)
-  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="DP-SGD training",
-               data="training set")
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, key=key,
+               task="DP-SGD training", data="training set")
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   params = variables["params"]

@@ -350,7 +350,8 @@ def fine_pruning(apply_fn, variables: PyTree, images, labels, config: FPConfig =
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
   config = _checks.config_of("fine_pruning", config, FPConfig)
-  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="Fine-Pruning")
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, key=key,
+               task="Fine-Pruning")
   start = time.perf_counter()
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)

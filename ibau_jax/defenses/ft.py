@@ -82,7 +82,8 @@ def fine_tune(apply_fn, variables: PyTree, images, labels, config: FTConfig = FT
   at lr 0.01 with batches of 64, and did not with batches of 128)."""
   from ibau_jax.defenses import DefenseResult, check_inputs
   config = _checks.config_of("fine_tune", config, FTConfig)
-  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="fine-tuning")
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, key=key,
+               task="fine-tuning")
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   params = variables["params"]

@@ -227,7 +227,8 @@ def nad(apply_fn, variables: PyTree, images, labels, config: NADConfig = NADConf
   """
   from ibau_jax.defenses import DefenseResult, check_inputs
   config = _checks.config_of("nad", config, NADConfig)
-  check_inputs(apply_fn, variables, images, labels, config.batch_size, task="NAD")
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, key=key,
+               task="NAD")
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   known = layer_kinds(apply_fn, variables, images[:1])

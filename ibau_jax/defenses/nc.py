@@ -497,7 +497,8 @@ def run_defense(apply_fn, variables: PyTree, images, labels, config: NCConfig, *
   config = _checks.config_of("run_defense", config, NCConfig)
   cls = type(config).__name__
   what = _NAMES.get(cls, cls)
-  check_inputs(apply_fn, variables, images, labels, config.batch_size, task=what)
+  check_inputs(apply_fn, variables, images, labels, config.batch_size, key=key,
+               task=what)
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   k_reverse, k_unlearn = jax.random.split(key)
