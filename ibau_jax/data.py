@@ -49,6 +49,8 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from ibau_jax import files
+
 __all__ = [
     "Arrays", "DATA_DIR_ENV", "DATASETS", "NUM_CLASSES", "SPLITS", "download",
     "load", "load_npz_dir", "load_tfds", "to_float",
@@ -160,6 +162,12 @@ class Arrays:
   def __len__(self) -> int:
     return int(self.images.shape[0])
 
+  def __repr__(self) -> str:
+    extras = ", ".join(f"{k}: {v.dtype} {v.shape}" for k, v in self.extras.items())
+    return (f"Arrays(images={self.images.dtype} {self.images.shape}, labels="
+            f"{self.labels.dtype} {self.labels.shape}, extras={{{extras}}}, "
+            f"num_classes={self.num_classes}, source={self.source!r})")
+
 
 # ----------------------------------------------------------------------------
 # Small helpers.
@@ -200,8 +208,8 @@ def to_float(images: np.ndarray) -> np.ndarray:
   """Converts images to float32 pixels in [0, 1].
 
   Args:
-    images: uint8 array with values 0..255 (any shape), or a floating array that
-      is already scaled to [0, 1].
+    images: uint8 array with values 0..255 (any shape), or a floating array (bfloat16
+      included) that is already scaled to [0, 1].
 
   Returns:
     ``images / 255`` as float32 for uint8 input; for floating input the same
@@ -215,7 +223,7 @@ def to_float(images: np.ndarray) -> np.ndarray:
   arr = np.asarray(images)
   if arr.dtype == np.uint8:
     return arr.astype(np.float32) / np.float32(255.0)
-  if np.issubdtype(arr.dtype, np.floating):
+  if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16":
     if arr.size:
       lo, hi = float(np.min(arr)), float(np.max(arr))
       if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
@@ -466,6 +474,7 @@ def _fetch_archive(url: str, dest: pathlib.Path,
   dest.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part",
                                   dir=dest.parent)
+  os.fchmod(fd, files.file_mode())
   os.close(fd)
   tmp = pathlib.Path(tmp_name)
   try:
@@ -684,6 +693,7 @@ def _write_npz_files(folder: pathlib.Path,
       fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp",
                                       dir=folder)
       temps[filename] = pathlib.Path(tmp_name)
+      os.fchmod(fd, files.file_mode())
       with os.fdopen(fd, "wb") as f:
         np.savez_compressed(f, **arrays)
         f.flush()

@@ -25,16 +25,27 @@ class FolderBusy(ValueError):
   """Another process holds the folder's lock (see :func:`locked`)."""
 
 
+def file_mode() -> int:
+  """The permissions of a new file under the current umask (``0o666 & ~umask``, so 0o644
+  under the usual 022): what ``open(path, "w")`` would give, where ``tempfile.mkstemp``
+  gives 0o600."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
   """Writes ``data`` to ``path`` so that readers (and a later run after a crash or
   ``kill -9``) see either the old file or the complete new one, never a part: the data goes
   to a temporary file in the same folder (``.<name>.<random>.tmp``), is flushed to disk, and
-  replaces ``path`` with one ``os.replace``.  Creates the parent folder if needed."""
+  replaces ``path`` with one ``os.replace``.  Creates the parent folder if needed; the file
+  gets the permissions a plain write would (:func:`file_mode`)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   raw = data.encode() if isinstance(data, str) else data
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
+    os.fchmod(fd, file_mode())  # readable by others as a plain write would be
     with os.fdopen(fd, "wb") as f:
       f.write(raw)
       f.flush()

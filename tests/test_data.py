@@ -678,3 +678,16 @@ def test_download_is_idempotent(tmp_path, monkeypatch):
   assert len(fetched) == 3  # nothing fetched the second time
   data.download("gtsrb", cache_dir=cache, force=True)
   assert len(fetched) == 6
+
+
+def test_to_float_takes_bfloat16_and_arrays_print_shapes_not_pixels():
+  import ml_dtypes
+  x = np.array([[0.0, 0.5], [1.0, 0.25]], dtype=ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(data.to_float(x), np.array([[0.0, 0.5], [1.0, 0.25]], np.float32))
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    data.to_float(np.array([2.0], dtype=ml_dtypes.bfloat16))
+  arrays = data.Arrays(images=np.zeros((5, 32, 32, 3), np.uint8), labels=np.zeros(5, np.int32),
+                       extras={"exact": np.ones(5, bool)}, num_classes=10, source="npz:/d")
+  text = repr(arrays)
+  assert text == ("Arrays(images=uint8 (5, 32, 32, 3), labels=int32 (5,), extras={exact: bool "
+                  "(5,)}, num_classes=10, source='npz:/d')")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -108,3 +109,19 @@ def test_round_records_give_a_resumed_run_what_the_killed_one_recorded(tmp_path)
   nowhere.append({"round": 0})
   assert nowhere.records == [{"round": 0}] and nowhere.restored(0, ("round",)) == {}
   nowhere.remove()
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+  old = os.umask(0o022)
+  try:
+    files.atomic_write(tmp_path / "a.json", "{}")
+    with open(tmp_path / "plain.json", "w") as f:
+      f.write("{}")
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == \
+        stat.S_IMODE((tmp_path / "plain.json").stat().st_mode)
+    os.umask(0o077)
+    files.atomic_write(tmp_path / "b.json", "{}")
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
+  finally:
+    os.umask(old)
