@@ -34,10 +34,12 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import statistics
 import sys
-from typing import Optional, Sequence
+import textwrap
+from typing import Any, Callable, Optional, Sequence
 
 from experiments import pipeline
 from ibau_jax import data as data_lib
@@ -85,13 +87,22 @@ def versus_ibau(before: dict, ibau: dict, other: dict) -> str:
   return "higher" if mine > theirs else "lower" if mine < theirs else "equal"
 
 
+# Below this ASR before the defense the attack did not take hold, and the defense
+# effectiveness rating (which rewards the ASR drop) says nothing about the defense: the
+# markdown marks such rows with NO_BACKDOOR_MARK and a footnote.
+DER_MIN_ASR = 0.5
+NO_BACKDOOR_MARK = "†"
+
+
 def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dict], str]:
   """Rows ``{attack, seed, before, <defense>: {acc, asr, seconds}, ratio, paper_ratio,
   versus_ibau}`` and markdown.  ``ratio``: the fastest baseline's seconds over I-BAU's
   (``fastest_baseline`` names it); ``paper_ratio``: the same over the paper's six
   (:data:`PAPER_BASELINES`); ``versus_ibau``: ``{baseline: I-BAU's DER higher, lower or
   equal}`` (:func:`versus_ibau`) for the baselines that ran in the row.  The markdown ends
-  with the verdicts counted per baseline over the rows."""
+  with the verdicts counted per baseline over the rows; rows whose ASR before the defense
+  is under :data:`DER_MIN_ASR` (the attack did not take hold, so DER is not meaningful) get
+  :data:`NO_BACKDOOR_MARK` after their before-numbers and a footnote saying so."""
   by_row: dict[tuple, dict] = {}
   for c in cells:
     row = by_row.setdefault((c["attack"], c["seed"]), dict(attack=c["attack"], seed=c["seed"]))
@@ -121,14 +132,19 @@ def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dic
   head = ("| attack | seed | before | " + " | ".join(shown) +
           " | fastest baseline / I-BAU time | the same, paper's six baselines |")
   lines = [head, "|" + "---|" * (len(shown) + 5)]
+  marked = 0  # rows whose attack did not take hold
   for row in rows:
     cells_md = []
     for d in shown:
       v = row.get(d)
       cells_md.append("-" if v is None else
                       f"{100 * v['acc']:.1f} / {100 * v['asr']:.1f} / {v['seconds']:.0f}")
+    mark = ""
+    if row["before"]["asr"] < DER_MIN_ASR:
+      mark = f" {NO_BACKDOOR_MARK}"
+      marked += 1
     lines.append(f"| {row['attack']} | {row['seed']} | {100 * row['before']['acc']:.1f} / "
-                 f"{100 * row['before']['asr']:.1f} | " + " | ".join(cells_md) +
+                 f"{100 * row['before']['asr']:.1f}{mark} | " + " | ".join(cells_md) +
                  f" | {ratio_md(row, '')} | {ratio_md(row, 'paper_')} |")
   for key, what in (("", "the fastest baseline's"), ("paper_", "the fastest of the paper's "
                                                                 "six baselines'")):
@@ -149,6 +165,12 @@ def comparison(cells: Sequence[dict], defenses: Sequence[str]) -> tuple[list[dic
     lines.append("I-BAU's defense effectiveness rating (DER = [max(0, ASR drop) − max(0, ACC "
                  "drop) + 1] / 2) against each baseline's, rows counted: "
                  + "; ".join(counts) + ".")
+  if marked:
+    counted = " (the counts above include such rows)" if counts else ""
+    lines.append("")
+    lines.append(f"{NO_BACKDOOR_MARK} ASR before the defense under {100 * DER_MIN_ASR:.0f} %: "
+                 f"the attack did not take hold, so the defense effectiveness rating (DER) "
+                 f"of the defenses in a marked row is not meaningful{counted}.")
   return rows, "\n".join(lines) + "\n"
 
 
@@ -166,11 +188,10 @@ def scatter_points(rows: Sequence[dict]) -> list[tuple[str, dict[str, tuple[floa
   return out
 
 
-def plot_comparison(report: dict[str, list[dict]], stem: pathlib.Path) -> list[pathlib.Path]:
-  """One figure per clean-set size, ``<stem>_clean<size>.png``: a panel per row (attack,
-  seed) with ASR against ACC after each defense (up and left is bad, down and right is
-  good; the grey cross is the model before any defense), each defense in the same colour in
-  every panel.  Returns the written paths."""
+def comparison_figures(report: dict[str, list[dict]]) -> dict[str, Any]:
+  """The figures :func:`plot_comparison` saves: ``{size: matplotlib Figure}`` for every
+  clean-set size with a row (the caller closes them).  Each figure is at least as wide as
+  its title and its legend, whatever the number of panels."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -181,7 +202,7 @@ def plot_comparison(report: dict[str, list[dict]], stem: pathlib.Path) -> list[p
       names += [n for n in points if n != "before" and n not in names]
   palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # grey is "before"
   colours = {n: palette[i % len(palette)] for i, n in enumerate(names)}
-  written = []
+  figures = {}
   for size, panels in panels_by_size.items():
     if not panels:
       continue
@@ -206,13 +227,37 @@ def plot_comparison(report: dict[str, list[dict]], stem: pathlib.Path) -> list[p
     handles = [plt.Line2D([], [], marker="X", color="grey", linestyle="", label="before")] + [
         plt.Line2D([], [], marker="*" if n == "ibau" else "o", color=colours[n], linestyle="",
                    label=n) for n in names]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=8)
-    fig.suptitle(f"{size} clean images: ASR and ACC after each defense")
+    legend = fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10),
+                        fontsize=8)
+    title = fig.suptitle(f"{size} clean images: ASR and ACC after each defense")
+    # Text keeps its size in inches when the figure widens: one panel (4 inches) is
+    # narrower than the title, and a legend of many defenses is wider than a few panels.
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    needed = max(t.get_window_extent(renderer).width for t in (title, legend)) / fig.dpi
+    if needed + 0.4 > fig.get_figwidth():
+      fig.set_figwidth(needed + 0.4)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path = stem.parent / f"{stem.name}_clean{size}.png"
-    pipeline.save_figure(fig, path)
-    plt.close(fig)
-    written.append(path)
+    figures[size] = fig
+  return figures
+
+
+def plot_comparison(report: dict[str, list[dict]], stem: pathlib.Path) -> list[pathlib.Path]:
+  """One figure per clean-set size, ``<stem>_clean<size>.png``: a panel per row (attack,
+  seed) with ASR against ACC after each defense (up and left is bad, down and right is
+  good; the grey cross is the model before any defense), each defense in the same colour in
+  every panel (:func:`comparison_figures`).  Returns the written paths."""
+  figures = comparison_figures(report)
+  import matplotlib.pyplot as plt  # (after comparison_figures has chosen the backend)
+  written = []
+  try:
+    for size, fig in figures.items():
+      path = stem.parent / f"{stem.name}_clean{size}.png"
+      pipeline.save_figure(fig, path)
+      written.append(path)
+  finally:
+    for fig in figures.values():
+      plt.close(fig)
   return written
 
 
@@ -282,11 +327,39 @@ def official_cells(config: pipeline.ExperimentConfig, models: Sequence[str],
   return cells
 
 
+# Config fields that settings_note shows in words of its own, or that say which cells a
+# sweep has rather than what they hold; preset_overrides lists the others.
+_NOTED_FIELDS = ("dataset", "preset", "poison_ratio", "clean_size", "augment_triggered",
+                 "attack_settings", "ibau", "ft", "defense_settings") + pipeline.SWEEP_EXTENT
+
+
+def preset_overrides(config: pipeline.ExperimentConfig) -> dict[str, Any]:
+  """The fields of ``config`` that differ from its preset's and that :func:`settings_note`
+  does not show otherwise (the attacker's training as ``train.<field>``, the model, the
+  data sizes, the target...), as ``{--set FIELD: value}`` in the config's field order."""
+  base = pipeline.preset(config.preset, config.dataset)
+  mine, theirs = config.to_dict(), base.to_dict()
+  out = {}
+  for key, value in mine.items():
+    if key in _NOTED_FIELDS:
+      continue
+    if key == "train":
+      # Through TrainConfig: a field left out of one dict is its default in both.
+      train, preset_train = (json.loads(json.dumps(c.train_config().to_dict()))
+                             for c in (config, base))
+      out.update({f"train.{k}": v for k, v in train.items() if preset_train.get(k) != v})
+    elif value != theirs.get(key):
+      out[key] = value
+  return out
+
+
 def settings_note(config: pipeline.ExperimentConfig,
                   defenses: Optional[Sequence[str]] = None) -> str:
   """One markdown line with what a reader needs to rerun a table: the preset, the
   attacker's settings and every setting that differs from its config's default of the
-  ``defenses`` in the table (default: ``config.defenses``, the last command's)."""
+  ``defenses`` in the table (default: ``config.defenses``, the last command's), then every
+  other field that differs from the preset (:func:`preset_overrides`: training, model,
+  data sizes), written as ``--set`` takes them."""
   defenses = config.defenses if defenses is None else defenses
   def fmt(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(d.items()))
@@ -298,10 +371,20 @@ def settings_note(config: pipeline.ExperimentConfig,
   defense = {"ibau": config.ibau, "ft": config.ft, **config.defense_settings}
   parts += [f"`{name}` {fmt(v)}" for name, v in sorted(defense.items())
             if v and name in defenses]
-  return "Settings: " + "; ".join(parts) + "."
+  note = "Settings: " + "; ".join(parts) + "."
+  overrides = preset_overrides(config)
+  if overrides:
+    note += " Changed from the preset: " + ", ".join(
+        f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()) + "."
+  return note
 
 
-def merge(workdirs: Sequence[str | os.PathLike]) -> tuple[dict, str]:
+def _warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr)
+
+
+def merge(workdirs: Sequence[str | os.PathLike],
+          warn: Callable[[str], None] = _warn) -> tuple[dict, str]:
   """The tables of several comparison work directories as one table per clean-set size.
 
   Attacks that need their own settings (WaNet without augmented triggers, SIG at another
@@ -310,14 +393,21 @@ def merge(workdirs: Sequence[str | os.PathLike]) -> tuple[dict, str]:
   its ``config.json``, and returns ``({size: rows}, markdown)`` as :func:`comparison` does,
   the medians taken over all rows, with each work directory's :func:`settings_note`.
   Columns follow the directories' ``--defenses`` order (the first directory's first); a
-  size with no finished cell in any directory gets no table.
-  Raises ValueError if a directory holds no comparison, or if two hold the same cell
-  (attack, seed, defense, clean-set size).
+  size with no finished cell in any directory gets no table, and a directory with no
+  finished cell at all (a comparison stopped before its first cell) is named to ``warn``.
+  Raises ValueError if a directory holds no comparison, if none holds a finished cell, or
+  if two hold the same cell (attack, seed, defense, clean-set size).
   """
   by_size: dict[int, list] = {}
   order: list[str] = []  # the sweeps' --defenses order, first directory first
-  for workdir in map(pathlib.Path, workdirs):
-    found = False
+  empty = []  # directories without a finished cell
+  workdirs = [pathlib.Path(w) for w in workdirs]
+  if not workdirs:
+    raise ValueError("no work directory to merge")
+  for workdir in workdirs:
+    if not workdir.is_dir():
+      raise ValueError(f"{workdir} is not a directory")
+    found = contributes = False
     for config_path in sorted(workdir.glob("clean*/config.json")):
       folder = config_path.parent
       try:
@@ -334,9 +424,14 @@ def merge(workdirs: Sequence[str | os.PathLike]) -> tuple[dict, str]:
         # command's --defenses, and a directory may have been filled by several commands.
         note = settings_note(config, sorted({c["defense"] for c in cells}))
         by_size.setdefault(size, []).append((workdir, cells, note))
+        contributes = True
       order += [d for d in config.defenses if d not in order]
     if not found:
       raise ValueError(f"{workdir} holds no comparison (no clean<size>/config.json)")
+    if not contributes:
+      empty.append(workdir)
+  if len(empty) == len(workdirs):
+    raise ValueError(f"no finished cell in {', '.join(map(str, workdirs))}: nothing to merge")
   order += [d for d in pipeline.defense_names() if d not in order]
   report, markdown = {}, []
   for size in sorted(by_size, reverse=True):
@@ -357,51 +452,108 @@ def merge(workdirs: Sequence[str | os.PathLike]) -> tuple[dict, str]:
     notes = "\n".join(f"- `{w}`: {note}" for w, _, note in by_size[size])
     markdown.append(f"### {size} clean images\n\nCells: ACC % / ASR % / seconds after the "
                     f"defense.\n\n{md}\n{notes}\n")
+  for workdir in empty:
+    warn(f"{workdir} holds no finished cell (stopped before its first one?): it adds no row")
   return report, "\n".join(markdown)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def plain(text: str) -> str:
+  """``text`` with its Sphinx markup removed, for the terminal: ``:mod:`x```, ``:func:`x```
+  (any role) and double-backquoted literals become ``x``."""
+  text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+  return re.sub(r"``([^`]+)``", r"\1", text)
+
+
+#: Where ``--merge`` writes its table without ``--out`` (in the current directory).
+MERGE_OUT = "comparison_merged.md"
+
+
+def _parser() -> argparse.ArgumentParser:
+  """The command line (help texts from this module's docstring, without its markup)."""
+  defenses = [d for d in pipeline.defense_names() if d != "none"]
+  warning = textwrap.fill(
+      f"Run without arguments, it starts the full default sweep: {len(DEFAULT_ATTACKS)} "
+      f"attacks x {len(defenses)} defenses at 5,000 and 100 clean images on the cpu preset, "
+      f"training {len(DEFAULT_ATTACKS)} models first; that takes many hours on a CPU "
+      "(docs/results.md: about 15 minutes per model, minutes to half an hour per defense "
+      "cell).  Narrow it with --attacks, --defenses and --clean-sizes; --merge only joins "
+      "finished work directories and runs nothing.", width=88)
+  paragraphs = __doc__.split("\n\n")
   parser = argparse.ArgumentParser(prog="python -m experiments.compare_defenses",
-                                   description=__doc__.split("\n\n")[0],
+                                   usage="%(prog)s [options]",
+                                   description=plain(paragraphs[0]) + "\n\n" + warning,
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 2)[2])
-  parser.add_argument("--dataset", default="cifar10", choices=sorted(pipeline.DATASETS))
-  parser.add_argument("--preset", default="cpu", choices=pipeline.PRESETS)
+                                   epilog=plain("\n\n".join(paragraphs[2:])))
+  parser.add_argument("--dataset", default="cifar10", choices=sorted(pipeline.DATASETS),
+                      help="the data set (default: %(default)s)")
+  parser.add_argument("--preset", default="cpu", choices=pipeline.PRESETS,
+                      help="settings preset: smoke (synthetic data, for checking that it "
+                           "runs), cpu (the 2-core CPU budget) or paper (default: %(default)s)")
   parser.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
-                      help="comma-separated attacks; '' with --official: only the released "
-                           "models' rows")
+                      help="comma-separated attacks (default: %(default)s); '' with "
+                           "--official: only the released models' rows")
   parser.add_argument("--defenses", default="all",
-                      help="comma-separated defenses or 'all' (default); 'none' is added")
-  parser.add_argument("--clean-sizes", default="5000,100")
-  parser.add_argument("--seeds", default="0")
-  parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--workdir", default=None, help="default: runs/compare_<dataset>_<preset>")
-  parser.add_argument("--model-dir", default=None, help="default: runs/models_<dataset>_<preset>")
+                      help="comma-separated defenses or 'all' (default: all, i.e. "
+                           f"{','.join(defenses)}); 'none' (the before-numbers) is added")
+  parser.add_argument("--clean-sizes", default="5000,100",
+                      help="comma-separated sizes of the defender's clean set, one sweep "
+                           "each (default: %(default)s)")
+  parser.add_argument("--seeds", default="0",
+                      help="comma-separated seeds, a row each (default: %(default)s)")
+  parser.add_argument("--data-dir", default=None,
+                      help=f"folder of the data sets (default: ${data_lib.DATA_DIR_ENV}; "
+                           "the smoke preset needs none)")
+  parser.add_argument("--workdir", default=None,
+                      help="where the sweeps, tables and plots go (default: "
+                           "runs/compare_<dataset>_<preset>)")
+  parser.add_argument("--model-dir", default=None,
+                      help="cache of trained models, shared with experiments.attack_table "
+                           "(default: runs/models_<dataset>_<preset>)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override a config field, as in experiments.cifar10 --set")
+                      help="override a config field, as in experiments.cifar10 --set; "
+                           "repeatable (default: the preset's values)")
   parser.add_argument("--official", default="",
                       help="comma-separated released models of the I-BAU paper to add as rows "
-                           "(e.g. badnets_8_02; from --reference-dir; every defense but dp)")
-  parser.add_argument("--reference-dir", default="../shared/reference/ibau_official")
-  parser.add_argument("--no-progress", action="store_true")
-  parser.add_argument("--merge", default="",
+                           "(e.g. badnets_8_02; from --reference-dir; every defense but dp; "
+                           "default: none)")
+  parser.add_argument("--reference-dir", default="../shared/reference/ibau_official",
+                      help="the released models for --official (default: %(default)s)")
+  parser.add_argument("--no-progress", action="store_true",
+                      help="no progress bars (default: shown)")
+  parser.add_argument("--merge", default=None, metavar="DIR,DIR",
                       help="comma-separated finished work directories: write their tables as "
-                           "one (to --out) and run nothing")
-  parser.add_argument("--out", default="comparison_merged.md",
-                      help="with --merge: the markdown file (the JSON and the plots, "
-                           "<name>_clean<size>.png, go next to it)")
+                           "one (to --out) and run nothing (default: run the sweep)")
+  parser.add_argument("--out", default=None,
+                      help=f"with --merge: the markdown file; the JSON and the plots, "
+                           f"<name>_clean<size>.png, go next to it (default: {MERGE_OUT} in "
+                           f"the current directory)")
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = _parser()
   args = parser.parse_args(argv)
-  if args.merge:
+  if args.out is not None and args.merge is None:
+    parser.error("--out is only used with --merge (a sweep writes comparison.md in --workdir)")
+  if args.merge is not None:
+    workdirs = [w for w in args.merge.split(",") if w.strip()]
+    if not workdirs:
+      parser.error("--merge: no work directory given (comma-separated work directories)")
+    out = pathlib.Path(args.out or MERGE_OUT)
+    if out.suffix == ".json":
+      parser.error(f"--out {out}: the JSON goes next to the markdown ({out.stem}.json); "
+                   "give the markdown file's name")
     try:
-      report, markdown = merge([w for w in args.merge.split(",") if w])
+      report, markdown = merge(workdirs)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
-    out = pathlib.Path(args.out)
     files.atomic_write(out.with_suffix(".json"), json.dumps(report, indent=1))
     files.atomic_write(out, markdown)
-    plot_comparison(report, out.with_suffix(""))
+    written = [out, out.with_suffix(".json")] + plot_comparison(report, out.with_suffix(""))
     print(markdown)
+    # (On stderr: stdout is the table.)
+    print("wrote " + ", ".join(str(p.resolve()) for p in written), file=sys.stderr)
     return 0
   from experiments import reproduce_official
   official = [m for m in args.official.split(",") if m]
