@@ -13,15 +13,17 @@ One cell = (attack, defense, seed):
 4. run the defense on the defender's clean set (held out from training), evaluating after
    every round;
 5. write the cell atomically to ``workdir/cells/``, then refresh ``results.json``,
-   ``results.csv``, ``results.md`` and the plots in ``workdir/plots/``.
+   ``results.csv``, ``results.md`` and the plots in ``workdir/plots/`` (for every finished
+   cell in the work directory, those of earlier commands with other attacks, defenses or
+   seeds too).
 
 Finished cells are skipped when the same command runs again, so a sweep killed at any moment
 (even ``kill -9``) continues where it stopped.  Within a cell, I-BAU (after every round), Neural
 Cleanse, TABOR, ANP (every ``log_every`` steps) and DeepInspect (after each of its first two
 stages) save their state in ``workdir/partial/<cell>/`` and resume from there;
 the cell's seconds include the interrupted runs' (the folder is deleted once the cell is
-written).  ``workdir/config.json`` holds the resolved configuration; a work directory made
-with a different configuration is refused.
+written, and ``partial/`` once it is empty).  ``workdir/config.json`` holds the resolved
+configuration; a work directory made with a different configuration is refused.
 
 Splits.  CIFAR-10: the attacker trains on the first ``train_size`` (45,000) training images,
 the defender's clean set is the last ``clean_size`` (5,000) training images, evaluation is the
@@ -44,6 +46,7 @@ import os
 import pathlib
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -306,7 +309,9 @@ def preset(name: str, dataset: str) -> ExperimentConfig:
   if dataset not in DATASETS:
     raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
   train_size = 45000 if dataset == "cifar10" else 10003
-  target = 8 if dataset == "cifar10" else 8
+  # The same target class on both data sets (CIFAR-10's "ship", GTSRB's "speed limit
+  # 120 km/h"), as in the runs of docs/results.md.
+  target = 8
   if name == "smoke":
     return ExperimentConfig(
         dataset=dataset, preset=name, target=1, poison_ratio=0.1, model_widths=(8, 16, 32),
@@ -343,12 +348,28 @@ class Splits:
   eval_y: np.ndarray
 
 
-def synthetic_data(num_classes: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_data(num_classes: int, n: int, seed: int = 0,
+                   stream: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
   """A learnable synthetic image set: each class is a smooth random colour field plus
-  noise, float32 ``(n, 32, 32, 3)`` in [0, 1] with balanced labels."""
+  noise, float32 ``(n, 32, 32, 3)`` in [0, 1] with balanced labels.
+
+  Args:
+    num_classes: number of classes.
+    n: number of images.
+    seed: draws the class fields (and, with ``stream`` None, the images).
+    stream: None: the labels and the noise continue the random stream of the class
+      fields.  An integer: they come from a stream of their own (``(seed, stream)``), so
+      that sets drawn with different streams share the classes, not the images, and the
+      size of one does not change another's images (:func:`load_splits`).
+
+  Returns:
+    ``(images, labels)``.
+  """
   rng = np.random.RandomState(seed)
   coarse = rng.rand(num_classes, 4, 4, 3)
   fields = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
+  if stream is not None:
+    rng = np.random.RandomState([seed, stream])
   labels = (np.arange(n) % num_classes).astype(np.int32)
   rng.shuffle(labels)
   images = 0.6 * fields[labels] + 0.4 * rng.rand(n, 32, 32, 3)
@@ -359,10 +380,12 @@ def load_splits(config: ExperimentConfig, data_dir: Optional[str]) -> Splits:
   from ibau_jax import data as data_lib
   num_classes = DATASETS[config.dataset]
   if config.synthetic:
-    n = config.train_size + config.clean_size + (config.eval_size or 1000)
-    x, y = synthetic_data(num_classes, n)
-    a, b = config.train_size, config.train_size + config.clean_size
-    return Splits(x[:a], y[:a], x[a:b], y[a:b], x[b:], y[b:])
+    # One stream per split: the training images depend on train_size alone (the model
+    # cache key's), not on the clean or evaluation sizes.
+    tx, ty = synthetic_data(num_classes, config.train_size, stream=0)
+    cx, cy = synthetic_data(num_classes, config.clean_size, stream=1)
+    ex, ey = synthetic_data(num_classes, config.eval_size or 1000, stream=2)
+    return Splits(tx, ty, cx, cy, ex, ey)
   kwargs = dict(data_dir=data_dir, download=data_dir is None)
   if config.dataset == "cifar10":
     train = data_lib.load("cifar10", "train", **kwargs)
@@ -495,7 +518,11 @@ def train_poisoned(config: ExperimentConfig, attack_name: str, seed: int, splits
                   # WaNet's noise-mode images were first left un-augmented too.
                   **({"noise_mode_augmented": True} if attack_name == "wanet" else {})}
                  if not config.augment_triggered and attack_name != "clean" else {}),
-              synthetic=config.synthetic, train=config.train)
+              synthetic=config.synthetic, train=config.train,
+              # Synthetic training images are drawn on a stream of their own since the
+              # clean and evaluation sizes stopped changing them: older cached models were
+              # trained on other images.
+              **({"synthetic_splits": "independent"} if config.synthetic else {}))
   folder = model_dir / f"{attack_name}_seed{seed}_{_digest(spec)}"
   final = folder / "variables.msgpack"
   model = _model(config)
@@ -674,8 +701,10 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
                                              after["asr"])
   log(f"  after {defense}: ACC {after['acc']:.2%} ASR {after['asr']:.2%} RA {after['ra']:.2%}"
       f" ({seconds:.0f} s)")
+  # The attack's and the defense's configs as they were when the cell was computed.
+  resolved = resolved_configs(config, dict(attack=attack_name, defense=defense))
   return dict(attack=attack_name, defense=defense, seed=seed, dataset=config.dataset,
-              target="all_to_all" if all_to_all else attack.target,
+              **resolved, target="all_to_all" if all_to_all else attack.target,
               poisoned=info["poisoned"],
               train_seconds=info["train_seconds"], defense_seconds=seconds,
               acc_before=before["acc"], asr_before=before["asr"], ra_before=before["ra"],
@@ -732,18 +761,66 @@ CSV_FIELDS = ("dataset", "attack", "defense", "seed", "acc_before", "asr_before"
               "acc_after", "asr_after", "ra_after", "der", "train_seconds", "defense_seconds")
 
 
+#: Below this ASR before the defense the attack did not take hold: the defense has no
+#: backdoor to remove, and its DER says nothing.
+ASR_TOOK_HOLD = 0.5
+#: The mark of such a cell's DER in :func:`markdown_table`.
+WEAK_ATTACK_MARK = "†"
+
+
 def markdown_table(cells: Sequence[dict]) -> str:
+  """The cells as a markdown table (percentages; a DER marked :data:`WEAK_ATTACK_MARK`,
+  with a footnote under the table, where ASR before the defense is below
+  :data:`ASR_TOOK_HOLD`)."""
   lines = ["| attack | defense | seed | ACC before | ASR before | RA before | ACC after | "
            "ASR after | RA after | DER | train min | defense s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  weak = False
   for c in cells:
+    mark = WEAK_ATTACK_MARK if c["asr_before"] < ASR_TOOK_HOLD else ""
+    weak = weak or bool(mark)
     lines.append(
         f"| {c['attack']} | {c['defense']} | {c['seed']} | {100 * c['acc_before']:.2f} | "
         f"{100 * c['asr_before']:.2f} | {100 * c['ra_before']:.2f} | "
         f"{100 * c['acc_after']:.2f} | {100 * c['asr_after']:.2f} | "
-        f"{100 * c['ra_after']:.2f} | {100 * c['der']:.1f} | {c['train_seconds'] / 60:.1f} | "
-        f"{c['defense_seconds']:.0f} |")
+        f"{100 * c['ra_after']:.2f} | {100 * c['der']:.1f}{mark} | "
+        f"{c['train_seconds'] / 60:.1f} | {c['defense_seconds']:.0f} |")
+  if weak:
+    lines += ["", f"{WEAK_ATTACK_MARK} ASR before the defense below "
+                  f"{100 * ASR_TOOK_HOLD:.0f} %: the attack did not take hold, so DER is not "
+                  "meaningful."]
   return "\n".join(lines) + "\n"
+
+
+def markdown_report(config: ExperimentConfig, cells: Sequence[dict],
+                    eval_images: Optional[int] = None) -> str:
+  """``results.md``: a header saying what the numbers are, then :func:`markdown_table`.
+
+  Args:
+    config: the sweep's configuration.
+    cells: the cells of the table.
+    eval_images: the number of evaluation images (None: ``config.eval_size``, else "all").
+
+  Returns:
+    The markdown text.
+  """
+  count = eval_images if eval_images is not None else config.eval_size
+  data = "synthetic data (generated images, not the real data set)" if config.synthetic \
+      else "real data"
+  images = f"{count} evaluation images" if count is not None else "all evaluation images"
+  header = [
+      f"Dataset `{config.dataset}`, preset `{config.preset}`, {data}; {images}.",
+      "",
+      "ACC, ASR, RA and DER are percentages: ACC is the clean accuracy, ASR the share of "
+      "triggered non-target images classified as the target, RA the accuracy on those "
+      "triggered images; DER = [max(0, ASR before - ASR after) - max(0, ACC before - "
+      "ACC after) + 1] / 2 (50 = no change).  \"train min\" is the model's training time "
+      "(as recorded when it was trained, also for a model reused from the cache); "
+      "\"defense s\" is the defense's time in seconds, which includes the XLA compilation "
+      "of its first call.",
+      "",
+  ]
+  return "\n".join(header) + "\n" + markdown_table(cells)
 
 
 def _versions() -> dict:
@@ -756,19 +833,109 @@ def _versions() -> dict:
               backend=jax.default_backend(), devices=[str(d) for d in jax.devices()])
 
 
+def git_commit() -> Optional[str]:
+  """The git commit of the code (``git rev-parse HEAD`` in the ``ibau_jax`` package's
+  folder), or None when git, or a repository, is not there."""
+  import ibau_jax
+  folder = pathlib.Path(ibau_jax.__file__).resolve().parent
+  try:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
+                          text=True, timeout=30, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  commit = done.stdout.strip()
+  return commit if done.returncode == 0 and commit else None
+
+
+# Fields of the defenses' configs that the pipeline sets itself (hooks and the checkpoint
+# folder), left out of the recorded configs.
+_HOOK_FIELDS = ("callback", "progress", "checkpoint_dir")
+
+
+def config_fields(obj: Any) -> dict:
+  """A dataclass's fields as JSON data: hooks (:data:`_HOOK_FIELDS`, callables) left out,
+  tuples as lists, arrays of more than 64 numbers as ``"<array shape (…)>"``."""
+  out = {}
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    if f.name in _HOOK_FIELDS or callable(value):
+      continue
+    plain = _plain(value)
+    out[f.name] = plain if plain is not _DROP else \
+        f"<array shape {tuple(np.shape(value))}>" if hasattr(value, "shape") else repr(value)
+  return out
+
+
+def resolved_configs(config: ExperimentConfig, cell: dict) -> dict:
+  """``{"attack_config", "defense_config"}`` of a cell: the fields of the attack object
+  (:func:`make_attack`) and of the defense's config that ``config`` resolves to (None for
+  the defense ``none``, and for a name the registries no longer know)."""
+  def resolve(make, name):
+    try:
+      return config_fields(make(name))
+    except (KeyError, ValueError):
+      return None
+  defense = cell["defense"]
+  return dict(attack_config=resolve(lambda a: make_attack(a, config), cell["attack"]),
+              defense_config=None if defense == "none" else
+              resolve(config.defense_config, defense))
+
+
+def _sweep_order(config: ExperimentConfig, keys: Sequence[tuple]) -> Callable[[tuple], tuple]:
+  """A sort key for ``(attack, defense, seed)`` in the sweep's order (seeds, then attacks,
+  then defenses, as :func:`run` runs them): ``config``'s order first, then the registry's
+  order (ascending seeds) for the names it does not list."""
+  def extend(first, everything, found):
+    rest = [x for x in everything if x in found and x not in first]
+    return list(first) + rest + sorted(set(found) - set(first) - set(rest), key=str)
+  attacks = extend(config.attacks, attack_names(), {k[0] for k in keys})
+  defenses = extend(config.defenses, defense_names(), {k[1] for k in keys})
+  seeds = extend(config.seeds, sorted({k[2] for k in keys}), {k[2] for k in keys})
+  return lambda k: (seeds.index(k[2]), attacks.index(k[0]), defenses.index(k[1]))
+
+
+def workdir_cells(config: ExperimentConfig, workdir: str | os.PathLike) -> list[dict]:
+  """Every finished cell in ``workdir/cells``, in the sweep's order (:func:`_sweep_order`).
+
+  A work directory takes more (or fewer) attacks, defenses and seeds
+  (:func:`check_workdir`), and its other settings are ``config``'s, so every cell there
+  belongs to its results, also those of earlier commands with another list.
+  """
+  folder = pathlib.Path(workdir) / "cells"
+  found = {}
+  for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    cell = json.loads(path.read_text())
+    if not isinstance(cell, dict) or any(k not in cell for k in ("attack", "defense", "seed")):
+      continue
+    if path.stem != cell_name(cell["attack"], cell["defense"], cell["seed"]):
+      continue  # not a cell the pipeline wrote (a copy under another name)
+    found[(cell["attack"], cell["defense"], cell["seed"])] = cell
+  order = _sweep_order(config, list(found))
+  return [found[k] for k in sorted(found, key=order)]
+
+
 def write_reports(config: ExperimentConfig, cells: Sequence[dict], workdir: pathlib.Path,
                   splits: Optional[Splits] = None) -> None:
-  """Rewrites results.json/.csv/.md for ``cells`` and draws the plots that are missing."""
+  """Rewrites results.json/.csv/.md for ``cells`` and draws the plots that are missing.
+
+  ``results.json`` holds ``config`` (what :func:`check_workdir` compares), the resolved
+  training config (``train_config``), the git commit of the code (``git_commit``, None
+  without git), the versions, and the cells (without the recovered perturbations) with
+  the attack's and defense's configs each cell recorded when it was computed
+  (:func:`resolved_configs`; absent from cells written before they were recorded).
+  """
   summary = [{k: v for k, v in c.items() if k != "delta"} for c in cells]
   files.atomic_write(workdir / "results.json", json.dumps(
-      dict(config=config.to_dict(), versions=_versions(), cells=summary), indent=1))
+      dict(config=config.to_dict(), train_config=config.train_config().to_dict(),
+           git_commit=git_commit(), versions=_versions(), cells=summary), indent=1))
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
   writer.writeheader()
   for c in cells:
     writer.writerow(c)
   files.atomic_write(workdir / "results.csv", buf.getvalue())
-  files.atomic_write(workdir / "results.md", markdown_table(cells))
+  files.atomic_write(workdir / "results.md", markdown_report(
+      config, cells, None if splits is None else len(splits.eval_y)))
   for c in cells:
     name = cell_name(c["attack"], c["defense"], c["seed"])
     if not all((workdir / "plots" / f"{name}_{kind}.png").is_file()
@@ -902,8 +1069,10 @@ def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
   """Runs every (attack, defense, seed) cell of ``config`` not already in ``workdir``.
 
   Trained models are cached in ``model_dir`` (default ``workdir/models``); pointing several
-  sweeps at one ``model_dir`` trains each model once.  Returns the cells (finished earlier or
-  now) in sweep order; the reports in ``workdir`` are refreshed after every cell.
+  sweeps at one ``model_dir`` trains each model once.  Returns ``config``'s cells (finished
+  earlier or now) in sweep order; the reports in ``workdir`` are refreshed after every cell
+  and cover every finished cell there (:func:`workdir_cells`), those of earlier commands
+  with other attacks, defenses or seeds too.
   """
   workdir = pathlib.Path(workdir)
   # One sweep per work directory: a second one would delete the first's in-flight
@@ -953,11 +1122,25 @@ def _run(config: ExperimentConfig, workdir: pathlib.Path, *, data_dir: Optional[
     cell = run_cell(config, attack_name, defense, seed, splits, model_dir, log, progress,
                     checkpoint_dir=partial)
     files.atomic_write(path, json.dumps(cell))
-    shutil.rmtree(partial, ignore_errors=True)
+    _remove_partial(workdir, partial.name)
     cells.append(cell)
-    write_reports(config, cells, workdir, splits)
-  write_reports(config, cells, workdir, splits)
+    # The reports cover every finished cell of the work directory, earlier commands' too.
+    write_reports(config, workdir_cells(config, workdir), workdir, splits)
+  write_reports(config, workdir_cells(config, workdir), workdir, splits)
+  _remove_partial(workdir)  # an empty folder an older version left
   return cells
+
+
+def _remove_partial(workdir: pathlib.Path, name: Optional[str] = None) -> None:
+  """Deletes ``workdir/partial/<name>`` (a finished cell's checkpoints), then ``partial/``
+  itself once it is empty (it stays while it holds another cell's folder)."""
+  partial = workdir / "partial"
+  if name is not None:
+    shutil.rmtree(partial / name, ignore_errors=True)
+  try:
+    partial.rmdir()
+  except OSError:
+    pass
 
 
 # --------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import pathlib
@@ -46,13 +47,21 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
   assert results["config"]["dataset"] == "cifar10" and results["versions"]["jax"]
   (cell,) = results["cells"]
   assert cell["attack"] == "badnets" and cell["defense"] == "ibau" and len(cell["rounds"]) == 1
+  # The configs the cell ran with, recorded by the cell itself.
+  config = pipeline.ExperimentConfig.from_dict(results["config"])
+  assert cell["defense_config"] == json.loads(json.dumps(
+      pipeline.config_fields(config.defense_config("ibau"))))
+  assert cell["defense_config"]["batch_size"] == 50 and cell["defense_config"]["rounds"] == 1
+  assert cell["attack_config"] == json.loads(json.dumps(
+      pipeline.config_fields(pipeline.make_attack("badnets", config))))
   for k in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "ra_after"):
     assert 0.0 <= cell[k] <= 1.0
-  _, labels = pipeline.synthetic_data(10, 200 + 100 + 100)
-  assert cell["poisoned"] == round(0.1 * int((labels[:200] != 1).sum()))  # target 1 excluded
+  _, labels = pipeline.synthetic_data(10, 200, stream=0)  # the training split's
+  assert cell["poisoned"] == round(0.1 * int((labels != 1).sum()))  # target 1 excluded
   rows = list(csv.DictReader((workdir / "results.csv").open()))
   assert len(rows) == 1 and rows[0]["attack"] == "badnets"
-  assert (workdir / "results.md").read_text().startswith("| attack |")
+  assert "\n| attack | defense | seed |" in (workdir / "results.md").read_text()
+  assert not (workdir / "partial").exists()  # the cell's checkpoint folder and its parent
   for suffix in ("rounds", "gallery"):
     png = workdir / "plots" / f"badnets__ibau__seed0_{suffix}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -689,3 +698,182 @@ def test_cpu_preset_shortens_the_slow_defenses_and_the_command_line_restores_the
   # The preset's dict is a copy: changing one config's settings changes no other.
   config.defense_settings["nc"]["steps"] = 1
   assert pipeline.preset("cpu", "cifar10").defense_config("nc").steps == 200
+
+
+def test_synthetic_training_images_do_not_depend_on_the_clean_and_eval_sizes(tmp_path,
+                                                                             monkeypatch):
+  # The model cache key holds train_size, not the other sizes: the training images must not
+  # change with them, so that a cached model is legitimately reused.
+  from ibau_jax import train as train_lib
+  seen = []
+
+  def fake_fit(model, images, labels, config, **kw):
+    seen.append(images)
+    return model.init(kw["key"], images[:1], train=False), []
+
+  monkeypatch.setattr(train_lib, "fit", fake_fit)
+  base = pipeline.config_from_args("cifar10", _args(TINY))
+  other = pipeline.config_from_args("cifar10", _args(TINY + ["--set", "clean_size=150",
+                                                             "--set", "eval_size=300"]))
+  more_eval = pipeline.config_from_args("cifar10", _args(TINY + ["--set", "eval_size=300"]))
+  a, b, c = (pipeline.load_splits(config, None) for config in (base, other, more_eval))
+  np.testing.assert_array_equal(a.train_x, b.train_x)
+  np.testing.assert_array_equal(a.train_y, b.train_y)
+  np.testing.assert_array_equal(a.clean_x, c.clean_x)  # nor the clean set with eval_size
+  assert (len(b.clean_y), len(b.eval_y), len(c.eval_y)) == (150, 300, 300)
+  # The splits share the classes (the same colour fields), not the images.
+  for split in (a.clean_x, a.eval_x):
+    assert not np.any(np.all(split[:, None] == a.train_x[None], axis=(2, 3, 4)))
+  # (Each class's mean over its images and over the 8x8 blocks of its colour field.)
+  means = [np.stack([x[y == k].mean(0).reshape(4, 8, 4, 8, 3).mean((1, 3))
+                     for k in range(10)]) for x, y in
+           ((a.train_x, a.train_y), (a.eval_x, a.eval_y))]
+  assert np.abs(means[0] - means[1]).max() < 0.05
+  for config, splits in ((base, a), (other, b)):
+    pipeline.train_poisoned(config, "badnets", 0, splits, tmp_path, lambda s: None, False)
+  assert len(seen) == 1 and len(list(tmp_path.iterdir())) == 1  # reused, rightly
+  # Models cached before the splits were drawn apart (other images) are not reused; the key
+  # of real-data models is unchanged (cpu preset, CIFAR-10 BadNets, seed 0).
+  info = json.loads((next(tmp_path.iterdir()) / "info.json").read_text())
+  assert info["spec"]["synthetic_splits"] == "independent"
+  cpu = pipeline.preset("cpu", "cifar10")
+  pipeline.train_poisoned(cpu, "badnets", 0, a, tmp_path, lambda s: None, False)
+  assert (tmp_path / "badnets_seed0_409136340834").is_dir()
+  # The default stream (the notebooks') is the one of before.
+  x, y = pipeline.synthetic_data(10, 50)
+  rng = np.random.RandomState(0)
+  rng.rand(10, 4, 4, 3)
+  labels = np.arange(50) % 10
+  rng.shuffle(labels)
+  np.testing.assert_array_equal(y, labels)
+
+
+def _fake_cell(config, attack, defense, seed, splits, model_dir, log, progress,
+               checkpoint_dir=None):
+  """Stands in for :func:`pipeline.run_cell`: a cell in no time, leaving a checkpoint
+  folder as the real defenses do; blend's ASR before is 20 % (an attack that did not take
+  hold), the others' 90 %."""
+  checkpoint_dir.mkdir(parents=True)
+  (checkpoint_dir / "state.msgpack").write_text("state")
+  asr = 0.2 if attack == "blend" else 0.9
+  return dict(attack=attack, defense=defense, seed=seed, dataset=config.dataset,
+              **pipeline.resolved_configs(config, dict(attack=attack, defense=defense)),
+              target=config.target, poisoned=1, train_seconds=60.0, defense_seconds=2.0,
+              acc_before=0.8, asr_before=asr, ra_before=0.1, acc_after=0.78, asr_after=0.05,
+              ra_after=0.7, der=float((max(0, asr - 0.05) - 0.02 + 1) / 2),
+              rounds=[{"step": 0, "acc": 0.78, "asr": 0.05, "ra": 0.7}], delta=None)
+
+
+def test_reports_cover_every_finished_cell_of_the_work_directory(tmp_path, monkeypatch,
+                                                                   capsys):
+  monkeypatch.setattr(pipeline, "run_cell", _fake_cell)
+  workdir = tmp_path / "w"
+  extra = ["--set", "blend.alpha=0.3", "--set", "ft.epochs=1", "--set", "ft.batch_size=50",
+           "--workdir", str(workdir)]
+  assert cifar10.main(TINY + extra + ["--attack", "badnets,blend", "--defense", "ibau,ft"]) == 0
+  assert not (workdir / "partial").exists()  # every cell's folder and then partial/ went
+  capsys.readouterr()
+  # Not cells of this sweep: another file, a copy under another name.
+  (workdir / "cells" / "notes.json").write_text(json.dumps({"note": 1}))
+  (workdir / "cells" / "copy.json").write_text(
+      (workdir / "cells" / "badnets__ibau__seed0.json").read_text())
+  # Another run's cell folder (as if it were running): partial/ stays for it.
+  held = workdir / "partial" / "held"
+  held.mkdir(parents=True)
+  # A subset with a new cell, then a subset that runs nothing: the reports keep every cell.
+  for attack, seeds in (("blend", "1"), ("blend", "0")):
+    assert cifar10.main(TINY + extra + ["--attack", attack, "--defense", "ft",
+                                        "--seeds", seeds]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    keys = [(c["attack"], c["defense"], c["seed"]) for c in results["cells"]]
+    # The command's cells first, then the others in the registry's order, as run() runs
+    # them (seeds, then attacks, then defenses).
+    assert keys == ([("blend", "ft", 1), ("blend", "ft", 0), ("blend", "ibau", 0),
+                     ("badnets", "ft", 0), ("badnets", "ibau", 0)] if seeds == "1" else
+                    [("blend", "ft", 0), ("blend", "ibau", 0), ("badnets", "ft", 0),
+                     ("badnets", "ibau", 0), ("blend", "ft", 1)])
+    rows = list(csv.DictReader((workdir / "results.csv").open()))
+    assert [(r["attack"], r["defense"], int(r["seed"])) for r in rows] == keys
+    table = [line for line in (workdir / "results.md").read_text().splitlines()
+             if line.startswith("| ") and not line.startswith("| attack")]
+    assert [tuple(x.strip() for x in line.split("|")[1:4]) for line in table] == \
+        [(a, d, str(s)) for a, d, s in keys]
+    for a, d, s in keys:
+      for kind in ("rounds", "gallery"):
+        assert (workdir / "plots" / f"{pipeline.cell_name(a, d, s)}_{kind}.png").is_file()
+    # config.json still records the last command; results.json's config is it.
+    assert json.loads((workdir / "config.json").read_text()) == results["config"]
+    assert results["config"]["attacks"] == [attack]
+    # The command prints its own cells.
+    out = capsys.readouterr().out
+    assert f"| blend | ft | {seeds} |" in out and "| badnets |" not in out
+  assert held.is_dir() and not (workdir / "partial" / "blend__ft__seed1").exists()
+  held.rmdir()
+  assert cifar10.main(TINY + extra + ["--attack", "blend", "--defense", "ft"]) == 0
+  assert not (workdir / "partial").exists()
+  # The resolved configs: the training config at the top, each cell's attack and defense.
+  config = pipeline.load_config(workdir)
+  assert results["train_config"] == json.loads(json.dumps(config.train_config().to_dict()))
+  assert results["train_config"]["epochs"] == 1 and results["train_config"]["batch_size"] == 50
+  for c in results["cells"]:
+    attack = pipeline.make_attack(c["attack"], config)
+    assert c["attack_config"] == json.loads(json.dumps(
+        {f.name: getattr(attack, f.name) for f in dataclasses.fields(attack)}))
+    dconfig = config.defense_config(c["defense"])
+    assert c["defense_config"] == json.loads(json.dumps(
+        {f.name: getattr(dconfig, f.name) for f in dataclasses.fields(dconfig)
+         if f.name not in ("callback", "progress", "checkpoint_dir")}))
+    assert c["defense_config"]["batch_size"] == 50 and "callback" not in c["defense_config"]
+    assert c["attack_config"]["target"] == 1
+  blend = [c for c in results["cells"] if c["attack"] == "blend"]
+  assert blend and all(c["attack_config"]["alpha"] == 0.3 for c in blend)
+  ibau = [c for c in results["cells"] if c["defense"] == "ibau"]
+  assert ibau and all(c["defense_config"]["rounds"] == 1 and
+                      c["defense_config"]["inner_candidates"] ==
+                      [list(x) for x in config.ibau_config().inner_candidates] for c in ibau)
+  try:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    head = None
+  assert results["git_commit"] == head
+
+
+def test_results_markdown_says_what_the_numbers_are(tmp_path, monkeypatch):
+  cell = lambda attack, asr: dict(attack=attack, defense="ibau", seed=0, acc_before=0.8,
+                                  asr_before=asr, ra_before=0.1, acc_after=0.78,
+                                  asr_after=0.05, ra_after=0.7, der=0.5, train_seconds=60.0,
+                                  defense_seconds=2.0)
+  smoke = pipeline.config_from_args("cifar10", _args(TINY))
+  text = pipeline.markdown_report(smoke, [cell("badnets", 0.9), cell("blend", 0.4999)], 100)
+  header, table = text.split("\n| attack |")
+  assert "Dataset `cifar10`, preset `smoke`, synthetic data" in header
+  assert "100 evaluation images" in header
+  assert "ACC, ASR, RA and DER are percentages" in header
+  assert ("DER = [max(0, ASR before - ASR after) - max(0, ACC before - ACC after) + 1] / 2"
+          in header)
+  assert "includes the XLA compilation of its first call" in header
+  # The columns are those of before; only the weak attack's DER has the mark.
+  assert table.startswith(" defense | seed | ACC before | ASR before | RA before | "
+                          "ACC after | ASR after | RA after | DER | train min | defense s |\n")
+  assert "| badnets | ibau | 0 | 80.00 | 90.00 | 10.00 | 78.00 | 5.00 | 70.00 | 50.0 | 1.0 | 2 |" \
+      in table
+  assert "| blend | ibau | 0 | 80.00 | 49.99 | 10.00 | 78.00 | 5.00 | 70.00 | 50.0† | 1.0 | 2 |" \
+      in table
+  assert table.rstrip().endswith("† ASR before the defense below 50 %: the attack did not take "
+                                 "hold, so DER is not meaningful.")
+  # No weak attack, no footnote; real data with every evaluation image.
+  assert "†" not in pipeline.markdown_table([cell("badnets", 0.5)])
+  real = pipeline.markdown_report(pipeline.preset("cpu", "gtsrb"), [cell("badnets", 0.9)])
+  assert real.startswith("Dataset `gtsrb`, preset `cpu`, real data; all evaluation images.")
+
+
+def test_git_commit_is_none_without_git(monkeypatch):
+  def no_git(*args, **kwargs):
+    raise FileNotFoundError("git")
+
+  monkeypatch.setattr(subprocess, "run", no_git)
+  assert pipeline.git_commit() is None
+  monkeypatch.undo()
+  monkeypatch.setenv("PATH", "")
+  assert pipeline.git_commit() is None
