@@ -295,7 +295,8 @@ def test_augment_triggered_false_keeps_triggered_images_unaugmented(tmp_path, mo
     pipeline.ExperimentConfig.from_dict({**base.to_dict(), "augment_triggered": "no"})
 
 
-def test_attack_settings_reach_the_attack_and_the_model_cache_key(tmp_path, monkeypatch):
+def _record_training(monkeypatch) -> list:
+  """Replaces ``train.fit`` by an initialisation; returns the list of the images it got."""
   from ibau_jax import train as train_lib
   seen = []
 
@@ -304,6 +305,11 @@ def test_attack_settings_reach_the_attack_and_the_model_cache_key(tmp_path, monk
     return model.init(kw["key"], images[:1], train=False), []
 
   monkeypatch.setattr(train_lib, "fit", fake_fit)
+  return seen
+
+
+def test_attack_settings_reach_the_attack_and_the_model_cache_key(tmp_path, monkeypatch):
+  seen = _record_training(monkeypatch)
   base = pipeline.config_from_args("cifar10", _args(TINY))
   strong = pipeline.config_from_args("cifar10", _args(TINY + ["--set", "sig.delta=0.2",
                                                              "--set", "badnets.size=3"]))
@@ -704,14 +710,7 @@ def test_synthetic_training_images_do_not_depend_on_the_clean_and_eval_sizes(tmp
                                                                              monkeypatch):
   # The model cache key holds train_size, not the other sizes: the training images must not
   # change with them, so that a cached model is legitimately reused.
-  from ibau_jax import train as train_lib
-  seen = []
-
-  def fake_fit(model, images, labels, config, **kw):
-    seen.append(images)
-    return model.init(kw["key"], images[:1], train=False), []
-
-  monkeypatch.setattr(train_lib, "fit", fake_fit)
+  seen = _record_training(monkeypatch)
   base = pipeline.config_from_args("cifar10", _args(TINY))
   other = pipeline.config_from_args("cifar10", _args(TINY + ["--set", "clean_size=150",
                                                              "--set", "eval_size=300"]))
