@@ -56,6 +56,7 @@ from ibau_jax import _loops
 from ibau_jax import _prng
 from ibau_jax import _resume
 from ibau_jax import hypergrad
+from ibau_jax import metrics
 from ibau_jax import probe
 
 PyTree = Any
@@ -933,18 +934,8 @@ def validate_clean_set(apply_fn, variables, images, labels, batch_size: int) -> 
     raise ValueError("variables must be a mapping with a 'params' collection (Flax "
                      f"variables); got {type(variables).__name__}"
                      + (f" with keys {sorted(variables)}" if isinstance(variables, Mapping) else ""))
-  images_np = np.asarray(images)
+  images_np = metrics.check_images(np.asarray(images))
   labels_np = np.asarray(labels)
-  if images_np.ndim != 4:
-    raise ValueError(f"images must have rank 4 (N, H, W, C); got shape {images_np.shape}")
-  if not np.issubdtype(images_np.dtype, np.floating):
-    raise ValueError(f"images must be floating point in [0, 1]; got dtype {images_np.dtype} "
-                     "(for uint8 pixels, divide by 255)")
-  if not np.all(np.isfinite(images_np)):
-    raise ValueError("images contain NaN or infinite values")
-  lo, hi = float(images_np.min(initial=0.0)), float(images_np.max(initial=0.0))
-  if lo < 0.0 or hi > 1.0:
-    raise ValueError(f"images must lie in [0, 1]; got values in [{lo:.4g}, {hi:.4g}]")
   if labels_np.ndim != 1 or labels_np.shape[0] != images_np.shape[0]:
     raise ValueError(f"labels must have shape ({images_np.shape[0]},) to match images; "
                      f"got {labels_np.shape}")
