@@ -68,7 +68,7 @@ class NonFiniteHypergradientError(FloatingPointError):
   """The hypergradient became NaN or infinite; the caller's variables are untouched."""
 
 
-def _is_number(value, integer: bool = False) -> bool:
+def is_number(value, integer: bool = False) -> bool:
   """``value`` is a real number: a Python or NumPy int or float (not a bool, a string or an
   array), finite; an integer if ``integer``."""
   if isinstance(value, (bool, np.bool_)):
@@ -81,7 +81,7 @@ def _is_number(value, integer: bool = False) -> bool:
 def _valid_solver(c) -> bool:
   """``c`` is an ``(inner_optimizer, inner_lr, inner_projection)`` tuple."""
   return (isinstance(c, tuple) and len(c) == 3 and c[0] in ("sgd", "adam", "normalized")
-          and _is_number(c[1]) and c[1] > 0 and c[2] in ("end", "step"))
+          and is_number(c[1]) and c[1] > 0 and c[2] in ("end", "step"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,10 +293,10 @@ class IBAUConfig:
   def __post_init__(self):
     def number(name: str, *, integer: bool = False, minimum: float = 0,
                strict: bool = True, maximum: Optional[float] = None) -> None:
-      """Raises unless field ``name`` is a real number (:func:`_is_number`) above
+      """Raises unless field ``name`` is a real number (:func:`is_number`) above
       ``minimum`` (or equal to it unless ``strict``) and at most ``maximum``."""
       value = getattr(self, name)
-      ok = _is_number(value, integer) and (value > minimum if strict else value >= minimum) \
+      ok = is_number(value, integer) and (value > minimum if strict else value >= minimum) \
           and (maximum is None or value <= maximum)
       if not ok:
         kind = "an integer" if integer else "a finite number"
@@ -321,17 +321,17 @@ class IBAUConfig:
     for name in ("perturbed_fraction", "outer_lr_decay", "probe_min_share", "retry_share",
                  "repair_fraction", "repair_share"):
       number(name, maximum=1)
-    if self.norm_bound is not None and not (_is_number(self.norm_bound) and self.norm_bound > 0):
+    if self.norm_bound is not None and not (is_number(self.norm_bound) and self.norm_bound > 0):
       raise ValueError(f"IBAUConfig.norm_bound must be a finite number > 0 or None, "
                        f"got {self.norm_bound!r}")
     if self.select not in ("last", "average", "probe"):
       raise ValueError(f"IBAUConfig.select must be 'last', 'average' or 'probe', "
                        f"got {self.select!r}")
-    if not _is_number(self.average_from, integer=True) or not 0 <= self.average_from < self.rounds:
+    if not is_number(self.average_from, integer=True) or not 0 <= self.average_from < self.rounds:
       raise ValueError(f"IBAUConfig.average_from must be an integer in [0, rounds), "
                        f"got {self.average_from!r}")
     if not isinstance(self.probe_bounds, tuple) or not self.probe_bounds or any(
-        not _is_number(b) or not b > 0 for b in self.probe_bounds):
+        not is_number(b) or not b > 0 for b in self.probe_bounds):
       raise ValueError("IBAUConfig.probe_bounds must be a non-empty tuple of positive radii, "
                        f"got {self.probe_bounds!r}")
     if self.solver not in hypergrad.SOLVERS:

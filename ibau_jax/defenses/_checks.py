@@ -5,9 +5,8 @@ caller's container type (:func:`with_params`) and JSON-friendly history values
 (:func:`plain`).
 
 Each field check raises ``ValueError("<Class>.<field> must be ..., got <value>")``.  Integers are
-Python or numpy integers, never bools.  Real numbers come in two strengths: ``strict``
-(a finite int, float or numpy integer/floating that is not a bool) and loose (only the
-bounds are compared; NaN fails, and infinities pass where the bounds allow them).
+Python or numpy integers, never bools; real numbers are finite ints, floats or numpy
+integers/floatings, never bools or strings.
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from ibau_jax import _resume
 
 def is_real(v) -> bool:
   """Whether ``v`` is a finite Python or numpy real number (int, float, numpy integer or
-  floating), bools excluded."""
-  return (not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
-          and math.isfinite(v))
+  floating), bools excluded (:func:`ibau_jax.ibau.is_number`)."""
+  from ibau_jax import ibau  # pylint: disable=import-outside-toplevel
+  return ibau.is_number(v)
 
 
 def integers(cls_name: str, obj, names: Iterable[str], minimum: int = 1) -> None:
@@ -40,14 +39,12 @@ def integers(cls_name: str, obj, names: Iterable[str], minimum: int = 1) -> None
 
 
 def reals(cls_name: str, obj, names: Iterable[str], minimum=None, maximum=None, *,
-          min_open: bool = False, max_open: bool = False, strict: bool = True) -> None:
+          min_open: bool = False, max_open: bool = False) -> None:
   """Checks that every field ``names`` of ``obj`` lies between ``minimum`` and ``maximum``
   (either may be None: unbounded; included unless ``min_open`` / ``max_open``).
 
-  ``strict``: the value must also pass :func:`is_real`, and the message reads "must be a
-  finite number >= 0" (or "in [0, 1)", ...).  Not strict: only the comparisons are made
-  (NaN fails them; a value that cannot be compared raises ``TypeError``), and the message
-  reads "must be >= 0"."""
+  The value must pass :func:`is_real`; the message reads "must be a finite number >= 0"
+  (or "in [0, 1)", ...)."""
   low = "(" if min_open else "["
   high = ")" if max_open else "]"
   if minimum is not None and maximum is not None:
@@ -58,25 +55,22 @@ def reals(cls_name: str, obj, names: Iterable[str], minimum=None, maximum=None, 
     need = f"{'<' if max_open else '<='} {maximum}" if maximum is not None else ""
   for name in names:
     v = getattr(obj, name)
-    if strict and not is_real(v):
-      ok = False
-    else:
-      ok = ((minimum is None or (v > minimum if min_open else v >= minimum))
-            and (maximum is None or (v < maximum if max_open else v <= maximum)))
+    ok = is_real(v) and ((minimum is None or (v > minimum if min_open else v >= minimum))
+                         and (maximum is None or (v < maximum if max_open else v <= maximum)))
     if not ok:
-      what = f"a finite number {need}".rstrip() if strict else need
+      what = f"a finite number {need}".rstrip()
       raise ValueError(f"{cls_name}.{name} must be {what}, got {v!r}")
 
 
 def sgd(cls_name: str, obj, learning_rate: str = "learning_rate", momentum: str = "momentum",
-        weight_decay: Optional[str] = "weight_decay", *, strict: bool = True) -> None:
+        weight_decay: Optional[str] = "weight_decay") -> None:
   """Checks the SGD fields of ``obj`` (given by name): learning rate ``>= 0``, momentum in
-  ``[0, 1)`` and, unless ``weight_decay`` is None, weight decay ``>= 0``, in that order;
-  ``strict`` as in :func:`reals`."""
-  reals(cls_name, obj, (learning_rate,), minimum=0, strict=strict)
-  reals(cls_name, obj, (momentum,), 0, 1, max_open=True, strict=strict)
+  ``[0, 1)`` and, unless ``weight_decay`` is None, weight decay ``>= 0``, in that order
+  (:func:`reals`)."""
+  reals(cls_name, obj, (learning_rate,), minimum=0)
+  reals(cls_name, obj, (momentum,), 0, 1, max_open=True)
   if weight_decay is not None:
-    reals(cls_name, obj, (weight_decay,), minimum=0, strict=strict)
+    reals(cls_name, obj, (weight_decay,), minimum=0)
 
 
 def optional_callable(cls_name: str, obj, name: str = "callback") -> None:
