@@ -536,6 +536,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.out is not None and args.merge is None:
     parser.error("--out is only used with --merge (a sweep writes comparison.md in --workdir)")
   if args.merge is not None:
+    sweep_flags = [f"--{a.dest.replace('_', '-')}" for a in parser._actions  # pylint: disable=protected-access
+                   if a.dest not in ("help", "merge", "out")
+                   and getattr(args, a.dest) != a.default]
+    if sweep_flags:
+      parser.error(f"--merge reads finished work directories; {', '.join(sweep_flags)} "
+                   "would be ignored (run the sweep first, then merge)")
     workdirs = [w for w in args.merge.split(",") if w.strip()]
     if not workdirs:
       parser.error("--merge: no work directory given (comma-separated work directories)")

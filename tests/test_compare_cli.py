@@ -275,3 +275,11 @@ def test_rows_whose_attack_did_not_take_hold_are_marked_with_a_der_footnote(tmp_
   d = sweep(tmp_path / "d", cells[:4], defenses="ibau,ft")
   _, markdown = compare_defenses.merge([d])
   assert f"80.0 / 30.0 {mark} |" in markdown and "did not take hold" in markdown
+
+
+def test_merge_refuses_sweep_flags_it_would_ignore(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    compare_defenses.main(["--merge", str(tmp_path), "--clean-sizes", "100", "--seeds", "1"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "--clean-sizes, --seeds would be ignored" in err
