@@ -716,6 +716,11 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
 _DROP = object()
 
 
+def _numbers(v: Any) -> int:
+  """How many numbers (and strings) nested lists hold, at every depth."""
+  return sum(_numbers(x) for x in v) if isinstance(v, list) else 1
+
+
 def _plain(v: Any, budget: int = 64) -> Any:
   """``v`` as JSON data (numbers, strings, lists, dicts), or ``_DROP`` when it is not
   representable or holds more than ``budget`` numbers (reversed triggers, masks)."""
@@ -727,7 +732,7 @@ def _plain(v: Any, budget: int = 64) -> Any:
     return np.asarray(v).tolist() if np.size(v) <= budget else _DROP
   if isinstance(v, (list, tuple)):
     items = [_plain(x, budget) for x in v]
-    if len(items) > budget or any(x is _DROP for x in items):
+    if any(x is _DROP for x in items) or _numbers(items) > budget:
       return _DROP
     return items
   if isinstance(v, dict):

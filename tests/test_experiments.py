@@ -876,3 +876,12 @@ def test_git_commit_is_none_without_git(monkeypatch):
   monkeypatch.undo()
   monkeypatch.setenv("PATH", "")
   assert pipeline.git_commit() is None
+
+
+def test_stats_keep_small_values_and_drop_large_ones_at_any_depth():
+  nested = [[0.5] * 10 for _ in range(10)]  # 100 numbers, 10 per level
+  small = [[0.5] * 4 for _ in range(4)]
+  stats = {"nested": nested, "array": np.zeros((10, 10)), "small": small,
+           "small_array": np.ones((2, 3)), "scalar": np.float32(0.25), "masks": {"a": nested}}
+  assert pipeline._jsonable(stats) == {"small": small, "small_array": [[1.0] * 3] * 2,
+                                       "scalar": 0.25, "masks": {}}
