@@ -57,9 +57,15 @@ import tempfile
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+try:
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+except ImportError:  # the project's own .venv has no PyTorch: say how to get one
+  sys.exit("benchmarks/torch_round.py needs PyTorch, kept out of the project's .venv: "
+           "python3.11 -m venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 numpy, "
+           "then run it with .venv-torch/bin/python")
 
 DATA_DIR_ENV = "IBAU_DATA_DIR"
 
