@@ -22,7 +22,7 @@ from experiments import gtsrb
 from experiments import pipeline
 from ibau_jax import files
 
-from _interrupt import interrupt
+from _interrupt import Interrupted, interrupt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A very small smoke configuration: seconds per cell on 2 CPU cores.
@@ -633,8 +633,17 @@ def test_an_interrupted_neural_cleanse_cell_resumes_and_counts_its_earlier_secon
   run = lambda c: pipeline.run_defense("nc", c, apply_fn, variables, x, y,
                                        jax.random.PRNGKey(1), no_metrics, eval_every=0,
                                        checkpoint_dir=tmp_path / "partial")
-  # Interrupted after 2 s at step 10: longer than the resumed run takes.
-  interrupt(run, config, 10, hook="progress", sleep=2.0)
+  # A 2-s pause after step 5 (longer than the resumed run takes), then interrupted after
+  # step 10, whose checkpoint counts the pause (a pause in the hook at step 10 would come
+  # after that checkpoint was saved).
+  def progress(step, total):
+    if step == 5:
+      time.sleep(2.0)
+    if step == 10:
+      raise Interrupted
+
+  with pytest.raises(Interrupted):
+    run(config.replace(progress=progress))
   assert (tmp_path / "partial" / nc.CHECKPOINT_FILE).is_file()
   _, rounds, seconds, _ = run(config)
   assert rounds[0]["resumed_from"] == 10 and rounds[0]["seconds_before"] >= 2.0
@@ -732,12 +741,14 @@ def test_synthetic_training_images_do_not_depend_on_the_clean_and_eval_sizes(tmp
     pipeline.train_poisoned(config, "badnets", 0, splits, tmp_path, lambda s: None, False)
   assert len(seen) == 1 and len(list(tmp_path.iterdir())) == 1  # reused, rightly
   # Models cached before the splits were drawn apart (other images) are not reused; the key
-  # of real-data models is unchanged (cpu preset, CIFAR-10 BadNets, seed 0).
+  # of real-data models is unchanged (cpu preset, CIFAR-10 BadNets, seed 0: the key of the
+  # 8-epoch model of docs/results.md, trained with --set train.epochs=8 before the preset
+  # changed to 8 epochs).
   info = json.loads((next(tmp_path.iterdir()) / "info.json").read_text())
   assert info["spec"]["synthetic_splits"] == "independent"
   cpu = pipeline.preset("cpu", "cifar10")
   pipeline.train_poisoned(cpu, "badnets", 0, a, tmp_path, lambda s: None, False)
-  assert (tmp_path / "badnets_seed0_409136340834").is_dir()
+  assert (tmp_path / "badnets_seed0_6e21889aad5a").is_dir()
   # The default stream (the notebooks') is the one of before.
   x, y = pipeline.synthetic_data(10, 50)
   rng = np.random.RandomState(0)
