@@ -33,8 +33,11 @@ TINY = ["--preset", "smoke", "--no-progress", "--set", "train_size=200",
 
 
 def _strip_times(cell: dict) -> dict:
+  """``cell`` without its wall times (a round resumed from a checkpoint also carries the
+  ``seconds_before`` of the interrupted run)."""
   out = {k: v for k, v in cell.items() if not k.endswith("seconds")}
-  out["rounds"] = [{k: v for k, v in r.items() if k != "seconds"} for r in cell["rounds"]]
+  out["rounds"] = [{k: v for k, v in r.items() if k not in ("seconds", "seconds_before")}
+                   for r in cell["rounds"]]
   return out
 
 
