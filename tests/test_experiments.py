@@ -22,7 +22,7 @@ from experiments import gtsrb
 from experiments import pipeline
 from ibau_jax import files
 
-from _interrupt import Interrupted, interrupt
+from _interrupt import Interrupted
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A very small smoke configuration: seconds per cell on 2 CPU cores.
@@ -243,7 +243,7 @@ def test_attack_table_checks_and_shared_model_cache(tmp_path, capsys):
           str(models)] + TINY[3:]
   assert attack_table.main(args + ["--workdir", str(tmp_path / "t")]) == 0
   out = capsys.readouterr().out
-  assert "| clean | 0 |" in out and "| badnets | 0 |" in out
+  assert "| clean | - | 0 |" in out and "| badnets | - | 0 |" in out
   saved = json.loads((tmp_path / "t" / "attack_table.json").read_text())
   assert [r["attack"] for r in saved["rows"]] == ["clean", "badnets"]
   assert len(list(models.iterdir())) == 2
@@ -260,7 +260,42 @@ def test_attack_table_checks_and_shared_model_cache(tmp_path, capsys):
   checks = {r["attack"]: (r.get("asr_ok"), r.get("acc_ok")) for r in rows}
   assert checks == {"clean": (None, None), "badnets": (True, True), "blend": (True, False),
                     "sig": (False, True), "badnets_all_to_all": (True, True)}
-  assert "| blend | 0 | 1 | 76.50 | 99.00 |" in markdown
+  assert "| blend | - | 0 | 1 | 76.50 | 99.00 |" in markdown
+
+
+def test_attack_table_runs_rows_with_their_settings_in_their_own_work_directories(tmp_path,
+                                                                                  capsys):
+  models, workdir = tmp_path / "models", tmp_path / "t"
+  args = ["--preset", "smoke", "--attacks", "clean,wanet,badnets_all_to_all", "--no-progress",
+          "--model-dir", str(models), "--workdir", str(workdir)] + TINY[3:]
+  assert attack_table.main(args) == 0
+  out = capsys.readouterr().out
+  assert "| wanet | `augment_triggered=false` | 0 |" in out
+  assert "| badnets_all_to_all | `augment_triggered=false`, `poison_ratio=0.2` | 0 |" in out
+  saved = json.loads((workdir / "attack_table.json").read_text())
+  assert [r["attack"] for r in saved["rows"]] == ["clean", "wanet", "badnets_all_to_all"]
+  assert saved["config"]["attacks"] == ["clean"] and saved["config"]["poison_ratio"] == 0.1
+  a2a = saved["row_configs"]["badnets_all_to_all"]
+  assert (a2a["poison_ratio"], a2a["augment_triggered"]) == (0.2, False)
+  assert saved["row_configs"]["wanet"]["augment_triggered"] is False
+  for name, config in saved["row_configs"].items():
+    assert json.loads((workdir / "rows" / name / "config.json").read_text()) == config
+  # All-to-all poisons 20 % of the 200 images; the clean model is trained once for all rows.
+  assert saved["rows"][2]["poisoned"] == 40 and len(list(models.iterdir())) == 3
+  # --set applies to every row, after the row's own settings; --plain drops those.
+  args2 = args[:3] + ["clean,badnets_all_to_all"] + args[4:]
+  assert attack_table.main(args2[:-2] + ["--workdir", str(tmp_path / "p"), "--plain",
+                                         "--set", "poison_ratio=0.15"] + args2[-2:]) == 0
+  saved = json.loads((tmp_path / "p" / "attack_table.json").read_text())
+  assert saved["row_configs"] == {} and saved["config"]["poison_ratio"] == 0.15
+  assert not (tmp_path / "p" / "rows").exists() and saved["rows"][1]["poisoned"] == 30
+  assert attack_table.main(args2[:-2] + ["--workdir", str(tmp_path / "q"),
+                                         "--set", "poison_ratio=0.15"] + args2[-2:]) == 0
+  saved = json.loads((tmp_path / "q" / "attack_table.json").read_text())
+  assert saved["row_configs"]["badnets_all_to_all"]["poison_ratio"] == 0.15
+  # A bad --set stops before anything runs.
+  with pytest.raises(SystemExit):
+    attack_table.main(args + ["--set", "wanet.nonsense=1"])
 
 
 def test_augment_triggered_false_keeps_triggered_images_unaugmented(tmp_path, monkeypatch):
