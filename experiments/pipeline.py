@@ -296,10 +296,10 @@ def preset(name: str, dataset: str) -> ExperimentConfig:
   * ``cpu``: the 2-core CPU budget: small-VGG16 without dropout trained with the CPU
     training preset (:data:`ibau_jax.train.CPU_PRESET`), then the default I-BAU; the
     baseline defenses run with fewer steps (:data:`CPU_DEFENSE_SETTINGS`).  Runtime
-    of one (attack, ibau) cell on 2 CPU cores, measured (docs/results.md): CIFAR-10 about
-    30 minutes (training 8 epochs, 10.9-11.8 minutes alone on the machine of sessions 22-23,
-    up to 21 shared; I-BAU 5 rounds and evaluation 16 minutes shared); GTSRB at most 20
-    minutes (19.3 end to end, shared, with the 5-epoch training of sessions 3-22).
+    of one (attack, ibau) cell on 2 CPU cores, measured on the machine of sessions 22-23
+    (docs/results.md): CIFAR-10 about 20 minutes (training 8 epochs, 10.9-11.8 minutes
+    alone, up to 21 shared; WaNet's command with the model cached, I-BAU's 5 rounds and the
+    evaluations, 7.4 minutes); GTSRB 12.9 minutes end to end (training 3.2; partly shared).
     A trained model is cached and reused, which leaves the I-BAU part.
   * ``paper``: the paper's training (:data:`ibau_jax.train.PAPER_PRESET`, 50 epochs;
     for accelerators), then the default I-BAU.
