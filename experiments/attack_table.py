@@ -92,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--preset", default="cpu", choices=pipeline.PRESETS,
                       help="training preset, as in experiments.cifar10 (default: cpu)")
   parser.add_argument("--attacks", default=",".join(ATTACKS),
-                      help="comma-separated attacks (default: all rows, clean first)")
+                      help="comma-separated attacks, or all (default: all rows, clean first)")
   parser.add_argument("--seed", type=int, default=0,
                       help="seed of the poisoning and the training (default: 0)")
   parser.add_argument("--data-dir", default=None,
@@ -108,7 +108,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "and badnets_all_to_all with the settings of ROW_SETTINGS)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
-  attacks = [a for a in args.attacks.split(",") if a]
+  # "all": the table's rows; a name given twice is one row.
+  attacks = list(ATTACKS) if args.attacks == "all" else \
+      list(dict.fromkeys(a for a in args.attacks.split(",") if a))
+  if not attacks:
+    parser.error(f"--attacks names no attack: {args.attacks!r}")
   settings = {} if args.plain else {a: ROW_SETTINGS[a] for a in attacks if a in ROW_SETTINGS}
   workdir = pathlib.Path(args.workdir or f"runs/attack_table_{args.dataset}_{args.preset}")
   model_dir = args.model_dir or f"runs/models_{args.dataset}_{args.preset}"

@@ -293,9 +293,15 @@ def test_attack_table_runs_rows_with_their_settings_in_their_own_work_directorie
                                          "--set", "poison_ratio=0.15"] + args2[-2:]) == 0
   saved = json.loads((tmp_path / "q" / "attack_table.json").read_text())
   assert saved["row_configs"]["badnets_all_to_all"]["poison_ratio"] == 0.15
-  # A bad --set stops before anything runs.
+  # A bad --set stops before anything runs, and so does an empty --attacks.
   with pytest.raises(SystemExit):
     attack_table.main(args + ["--set", "wanet.nonsense=1"])
+  with pytest.raises(SystemExit):
+    attack_table.main(args + ["--attacks", ","])
+  # A row named twice is one row (every model is cached by now).
+  assert attack_table.main(args + ["--attacks", "wanet,clean,wanet"]) == 0
+  saved = json.loads((workdir / "attack_table.json").read_text())
+  assert [r["attack"] for r in saved["rows"]] == ["wanet", "clean"]
 
 
 def test_augment_triggered_false_keeps_triggered_images_unaugmented(tmp_path, monkeypatch):
