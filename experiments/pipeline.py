@@ -297,7 +297,7 @@ def preset(name: str, dataset: str) -> ExperimentConfig:
     training preset (:data:`ibau_jax.train.CPU_PRESET`), then the default I-BAU; the
     baseline defenses run with fewer steps (:data:`CPU_DEFENSE_SETTINGS`).  Runtime
     of one (attack, ibau) cell on 2 CPU cores, measured on the machine of sessions 22-23
-    (docs/results.md): CIFAR-10 about 20 minutes (training 8 epochs, 10.9-11.8 minutes
+    (docs/results.md): CIFAR-10 about 20 minutes (training 8 epochs, 10.9-12.5 minutes
     alone, up to 21 shared; WaNet's command with the model cached, I-BAU's 5 rounds and the
     evaluations, 7.4 minutes); GTSRB 12.9 minutes end to end (training 3.2; partly shared).
     A trained model is cached and reused, which leaves the I-BAU part.

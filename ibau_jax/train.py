@@ -249,8 +249,8 @@ class TrainConfig:
 #: use it with dropout off (the ``cpu`` experiment preset builds small-VGG16 with
 #: ``dropout_rates=(0, 0, 0)``).  Measured on 45,000 CIFAR-10 images on the 2-core CPU of
 #: sessions 22-23 (AMD EPYC; ``python -m experiments.attack_table``, docs/results.md): the
-#: clean model reaches 78.8 % on the 10,000 test images, and a poisoned model trains in
-#: 10.9-11.8 minutes alone on the machine (about 86 s of steps per epoch plus poisoning,
+#: clean model reaches 78.8 % on the 10,000 test images, and a model trains in
+#: 10.9-12.5 minutes alone on the machine (about 86 s of steps per epoch plus poisoning,
 #: compilation and evaluation; about 17 minutes on the slower host of session 3).  Why 8
 #: epochs: 5 reach 78.5 % (4 reached 77.4 %), but a WaNet model trained with 5 ends 3.8-4.0
 #: points under the clean one, with 8 only 2.4 points under.  Why these choices: one annealed
