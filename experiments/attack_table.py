@@ -54,10 +54,11 @@ ASR_MIN_ALL_TO_ALL = 0.80
 ACC_TOLERANCE = 0.03
 
 
-def table(cells: Sequence[dict],
-          settings: Optional[Mapping[str, Sequence[str]]] = None) -> tuple[list[dict], str]:
+def table(cells: Sequence[dict], settings: Optional[Mapping[str, Sequence[str]]] = None,
+          common: Sequence[str] = ()) -> tuple[list[dict], str]:
   """Rows (with the checks) and their markdown, from pipeline cells with defense ``none``;
-  ``settings`` maps an attack to the row settings it ran with (default: none)."""
+  ``settings`` maps an attack to the row settings it ran with (default: none), ``common``
+  lists the settings of every row (stated above the table)."""
   settings = settings or {}
   clean = next((c for c in cells if c["attack"] == "clean"), None)
   rows = []
@@ -81,6 +82,8 @@ def table(cells: Sequence[dict],
                  f"{100 * r['acc']:.2f} | "
                  f"{100 * r['asr']:.2f} | {100 * r['ra']:.2f} | {r['minutes']:.1f} | "
                  f"{mark[r.get('asr_ok')]} | {mark[r.get('acc_ok')]} |")
+  if common:
+    lines = ["Every row: " + ", ".join(f"`{item}`" for item in common) + ".", ""] + lines
   return rows, "\n".join(lines) + "\n"
 
 
@@ -135,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     for (names, extra, folder), config in zip(groups, configs):
       if extra:
-        print(f"[{','.join(names)}] with {' '.join(extra)}, in {folder}")
+        print(f"[{','.join(names)}] with {' '.join(list(extra) + list(args.set))}, in {folder}")
       cells += pipeline.run(config, folder, data_dir=args.data_dir, model_dir=model_dir,
                             progress=not args.no_progress)
   except ValueError as e:
@@ -143,7 +146,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   order = {a: i for i, a in enumerate(attacks)}
   cells.sort(key=lambda c: order[c["attack"]])
-  rows, markdown = table(cells, settings)
+  # The table shows each row's settings that --set did not override.
+  overridden = {item.partition("=")[0] for item in args.set}
+  shown = {a: [item for item in extra if item.partition("=")[0] not in overridden]
+           for a, extra in settings.items()}
+  rows, markdown = table(cells, shown, common=args.set)
   files.atomic_write(workdir / "attack_table.json", json.dumps(
       dict(config=configs[0].to_dict() if plain else None,
            row_configs={names[0]: c.to_dict() for (names, extra, _), c in zip(groups, configs)

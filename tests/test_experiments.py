@@ -293,6 +293,12 @@ def test_attack_table_runs_rows_with_their_settings_in_their_own_work_directorie
                                          "--set", "poison_ratio=0.15"] + args2[-2:]) == 0
   saved = json.loads((tmp_path / "q" / "attack_table.json").read_text())
   assert saved["row_configs"]["badnets_all_to_all"]["poison_ratio"] == 0.15
+  # ... and the table says so: the row keeps only the settings --set did not override.
+  assert saved["rows"][1]["settings"] == ["augment_triggered=false"]
+  markdown = (tmp_path / "q" / "attack_table.md").read_text()
+  first = markdown.splitlines()[0]
+  assert first.startswith("Every row: `train_size=200`") and "`poison_ratio=0.15`" in first
+  assert "| badnets_all_to_all | `augment_triggered=false` | 0 | 30 |" in markdown
   # A bad --set stops before anything runs, and so does an empty --attacks.
   with pytest.raises(SystemExit):
     attack_table.main(args + ["--set", "wanet.nonsense=1"])
