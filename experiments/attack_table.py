@@ -134,13 +134,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       configs.append(pipeline.config_from_args(args.dataset, sweep))
     except ValueError as e:
       parser.error(str(e))
-  cells = []
+  cells, data_cache = [], {}
   try:
     for (names, extra, folder), config in zip(groups, configs):
       if extra:
         print(f"[{','.join(names)}] with {' '.join(list(extra) + list(args.set))}, in {folder}")
       cells += pipeline.run(config, folder, data_dir=args.data_dir, model_dir=model_dir,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, data_cache=data_cache)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1071,21 +1071,24 @@ def check_workdir(config: ExperimentConfig, workdir: pathlib.Path) -> None:
 
 def run(config: ExperimentConfig, workdir: str | os.PathLike, *,
         data_dir: Optional[str] = None, log: Callable[[str], None] = print,
-        progress: bool = True, model_dir: Optional[str | os.PathLike] = None) -> list[dict]:
+        progress: bool = True, model_dir: Optional[str | os.PathLike] = None,
+        data_cache: Optional[dict] = None) -> list[dict]:
   """Runs every (attack, defense, seed) cell of ``config`` not already in ``workdir``.
 
   Trained models are cached in ``model_dir`` (default ``workdir/models``); pointing several
   sweeps at one ``model_dir`` trains each model once.  Returns ``config``'s cells (finished
   earlier or now) in sweep order; the reports in ``workdir`` are refreshed after every cell
   and cover every finished cell there (:func:`workdir_cells`), those of earlier commands
-  with other attacks, defenses or seeds too.
+  with other attacks, defenses or seeds too.  ``data_cache``: a dict the caller passes to
+  several runs in one process, so that sweeps over the same data (dataset, sizes, folder)
+  load it once.
   """
   workdir = pathlib.Path(workdir)
   # One sweep per work directory: a second one would delete the first's in-flight
   # temporaries below and write the same cells.
   with files.locked(workdir, hint=BUSY_HINT):
     return _run(config, workdir, data_dir=data_dir, log=log, progress=progress,
-                model_dir=model_dir)
+                model_dir=model_dir, data_cache=data_cache)
 
 
 #: What to do when a work directory is busy.
@@ -1096,7 +1099,7 @@ BUSY_HINT = ("another sweep is running in it: wait for it, or run parallel sweep
 
 def _run(config: ExperimentConfig, workdir: pathlib.Path, *, data_dir: Optional[str],
          log: Callable[[str], None], progress: bool,
-         model_dir: Optional[str | os.PathLike]) -> list[dict]:
+         model_dir: Optional[str | os.PathLike], data_cache: Optional[dict]) -> list[dict]:
   model_dir = pathlib.Path(model_dir) if model_dir is not None else workdir / "models"
   config.check_clean_batches()  # now, not after training the models
   check_workdir(config, workdir)
@@ -1112,7 +1115,14 @@ def _run(config: ExperimentConfig, workdir: pathlib.Path, *, data_dir: Optional[
     if data_dir is not None and not pathlib.Path(data_dir).is_dir():
       raise ValueError(f"data directory {data_dir} does not exist")
   start = time.perf_counter()
-  splits = load_splits(config, data_dir)
+  data_key = (config.dataset, config.synthetic, config.train_size, config.clean_size,
+              config.eval_size, None if config.synthetic else data_dir)
+  if data_cache is not None and data_key in data_cache:
+    splits = data_cache[data_key]
+  else:
+    splits = load_splits(config, data_dir)
+    if data_cache is not None:
+      data_cache[data_key] = splits
   log(f"[{config.dataset}] data: {len(splits.train_y)} training, {len(splits.clean_y)} clean, "
       f"{len(splits.eval_y)} evaluation images ({time.perf_counter() - start:.0f} s)")
   cells = []

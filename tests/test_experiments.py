@@ -263,12 +263,16 @@ def test_attack_table_checks_and_shared_model_cache(tmp_path, capsys):
   assert "| blend | - | 0 | 1 | 76.50 | 99.00 |" in markdown
 
 
-def test_attack_table_runs_rows_with_their_settings_in_their_own_work_directories(tmp_path,
-                                                                                  capsys):
+def test_attack_table_runs_rows_with_their_settings_in_their_own_work_directories(
+    tmp_path, capsys, monkeypatch):
   models, workdir = tmp_path / "models", tmp_path / "t"
   args = ["--preset", "smoke", "--attacks", "clean,wanet,badnets_all_to_all", "--no-progress",
           "--model-dir", str(models), "--workdir", str(workdir)] + TINY[3:]
+  loads = []
+  load_splits = pipeline.load_splits
+  monkeypatch.setattr(pipeline, "load_splits", lambda *a: loads.append(1) or load_splits(*a))
   assert attack_table.main(args) == 0
+  assert len(loads) == 1  # three sweeps (plain, wanet, all-to-all), the data loaded once
   out = capsys.readouterr().out
   assert "| wanet | `augment_triggered=false` | 0 |" in out
   assert "| badnets_all_to_all | `augment_triggered=false`, `poison_ratio=0.2` | 0 |" in out
