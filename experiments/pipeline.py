@@ -585,10 +585,15 @@ def _bar(total: int, desc: str, progress: bool):
   return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
+#: The fields of a defense's result that :func:`run_defense` reports in ``details``.
+DETAIL_FIELDS = ("selected_round", "suspect", "stamp", "repair")
+
+
 def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
                 evaluate: Callable[[Any], dict], *, eval_every: int = 1, desc: str = "",
                 progress: bool = False,
-                checkpoint_dir: Optional[str | os.PathLike] = None):
+                checkpoint_dir: Optional[str | os.PathLike] = None,
+                details: Optional[dict] = None):
   """Runs defense ``defense`` (config ``dconfig``) on ``variables`` with the given images.
 
   ``evaluate(variables) -> {"acc", "asr", "ra"}`` runs after every ``eval_every``-th round
@@ -601,7 +606,9 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   Cleanse, TABOR, ANP and DeepInspect); the others ignore it.  The per-round records are
   saved there too (``rounds.json``), so that the rounds a resumed run replays keep the
   metrics measured before the interruption (not for a round interrupted while it was being
-  evaluated); the file is removed when the defense finishes.
+  evaluated); the file is removed when the defense finishes.  A ``details`` dict gets what
+  the defense reports beyond its rounds, as JSON data (:data:`DETAIL_FIELDS` of its result
+  that are not None: I-BAU's ``stamp``, ``repair``, ``suspect`` and ``selected_round``).
   """
   from ibau_jax import defenses
   fn, _ = defenses.get_defense(defense)
@@ -653,6 +660,12 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   seconds += sum(r.get("seconds_before", 0.0) for r in rounds)
   bar.close()
   delta = getattr(result, "perturbation", None)
+  if details is not None:
+    # Their seconds are part of the defense's; left out so that a cell is the same data
+    # however often its run was interrupted.
+    found = {f: getattr(result, f) for f in DETAIL_FIELDS if getattr(result, f, None) is not None}
+    details.update(_jsonable({f: {k: x for k, x in v.items() if k != "seconds"}
+                              if isinstance(v, dict) else v for f, v in found.items()}))
   # What the defense returns, which need not be its last round's variables (I-BAU's
   # select="probe" / "average"; Neural Cleanse returns the input when it flags nothing).
   after = evaluate(result.variables)
@@ -684,7 +697,7 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
 
   before = evaluate(variables)
   log(f"  before: ACC {before['acc']:.2%} ASR {before['asr']:.2%} RA {before['ra']:.2%}")
-  rounds, seconds, delta, after = [], 0.0, None, before
+  rounds, seconds, delta, after, details = [], 0.0, None, before, {}
   if defense != "none":
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
     images, labels, start_from = splits.clean_x, splits.clean_y, variables
@@ -697,7 +710,7 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
     after, rounds, seconds, delta = run_defense(
         defense, config.defense_config(defense), apply_fn, start_from, images, labels, key,
         evaluate, eval_every=config.eval_every, desc=f"{defense} {attack_name} seed {seed}",
-        progress=progress, checkpoint_dir=checkpoint_dir)
+        progress=progress, checkpoint_dir=checkpoint_dir, details=details)
   der = metrics.defense_effectiveness_rating(before["acc"], before["asr"], after["acc"],
                                              after["asr"])
   log(f"  after {defense}: ACC {after['acc']:.2%} ASR {after['asr']:.2%} RA {after['ra']:.2%}"
@@ -710,7 +723,7 @@ def run_cell(config: ExperimentConfig, attack_name: str, defense: str, seed: int
               train_seconds=info["train_seconds"], defense_seconds=seconds,
               acc_before=before["acc"], asr_before=before["asr"], ra_before=before["ra"],
               acc_after=after["acc"], asr_after=after["asr"], ra_after=after["ra"],
-              der=float(der), rounds=rounds,
+              der=float(der), rounds=rounds, details=details,
               delta=None if delta is None else delta.tolist())
 
 
