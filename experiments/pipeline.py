@@ -586,7 +586,7 @@ def _bar(total: int, desc: str, progress: bool):
 
 
 #: The fields of a defense's result that :func:`run_defense` reports in ``details``.
-DETAIL_FIELDS = ("selected_round", "suspect", "stamp", "repair")
+DETAIL_FIELDS = ("selected_round", "suspect", "stamp", "repair", "warp")
 
 
 def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
@@ -608,7 +608,8 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   metrics measured before the interruption (not for a round interrupted while it was being
   evaluated); the file is removed when the defense finishes.  A ``details`` dict gets what
   the defense reports beyond its rounds, as JSON data (:data:`DETAIL_FIELDS` of its result
-  that are not None: I-BAU's ``stamp``, ``repair``, ``suspect`` and ``selected_round``).
+  that are not None: I-BAU's ``stamp``, ``repair``, ``warp``, ``suspect`` and
+  ``selected_round``).
   """
   from ibau_jax import defenses
   fn, _ = defenses.get_defense(defense)
@@ -618,7 +619,7 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
   steps = getattr(dconfig, "rounds", None) or getattr(dconfig, "epochs", 1)
   bar = _bar(steps, desc, progress)
   if progress and "progress" in fields:
-    # A long inner stage (Neural Cleanse's reverse engineering, I-BAU's repair) gets a bar of
+    # A long inner stage (Neural Cleanse's reverse engineering, I-BAU's repairs) gets a bar of
     # its own.
     inner = {}
 

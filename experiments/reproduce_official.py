@@ -192,7 +192,7 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
 
   def progress(done, total):
     if done < total:
-      log(f"[{model_name} {config_name} seed {seed}] repair: step {done}/{total} done")
+      log(f"[{model_name} {config_name} seed {seed}] repairs: step {done}/{total} done")
 
   config = _config(config_name, overrides).replace(
       callback=callback, progress=progress, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir))
@@ -201,10 +201,10 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
                             key=jax.random.PRNGKey(seed))
   unlearn_seconds = sum(h["seconds"] for h in result.history)
   wall = time.perf_counter() - start
-  # The returned variables: the last round's with select="last" unless the repair ran, not
-  # with "probe"/"average".
+  # The returned variables: the last round's with select="last" unless a repair (the patch
+  # repair or the warp repair) ran, not with "probe"/"average".
   rounds = records.records
-  repaired = result.repair is not None and result.repair["active"]
+  repaired = any(info is not None and info["active"] for info in (result.repair, result.warp))
   after = (rounds[-1] if config.select == "last" and "acc" in rounds[-1] and not repaired
            else evaluate(result.variables))
   if result.repair is not None:
@@ -213,7 +213,14 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
         f"at {tuple(rep['corner'])}, input-model share {rep['input_share']:.3f} -> "
         + (f"shares {', '.join(f'{v:.3f}' for v in rep['shares'])}; after: ACC "
            f"{after['acc']:.2%} ASR {after['asr']:.2%} RA {after['ra']:.2%}"
-           if repaired else "inactive") + f" ({rep['seconds']:.1f} s)")
+           if rep["active"] else "inactive") + f" ({rep['seconds']:.1f} s)")
+  if result.warp is not None:
+    warp = result.warp
+    log(f"[{model_name} {config_name} seed {seed}] warp repair: class {warp['target']}, "
+        f"input-model share {warp['input_share']:.3f} -> "
+        + (f"shares {', '.join(f'{v:.3f}' for v in warp['shares'])}; after: ACC "
+           f"{after['acc']:.2%} ASR {after['asr']:.2%} RA {after['ra']:.2%}"
+           if warp["active"] else "inactive") + f" ({warp['seconds']:.1f} s)")
   records.remove()
   return dict(model=model_name, dataset=info["dataset"], attack=info["attack"],
               target=info["target"], config=config_name, seed=seed,
@@ -224,7 +231,7 @@ def run_cell(model_name: str, config_name: str, seed: int, *, data_dir: str,
               der=metrics.defense_effectiveness_rating(before["acc"], before["asr"],
                                                        after["acc"], after["asr"]),
               unlearn_seconds=unlearn_seconds, wall_seconds_with_eval=wall, rounds=rounds,
-              stamp=result.stamp, repair=result.repair)
+              stamp=result.stamp, repair=result.repair, warp=result.warp)
 
 
 def _stamp_text(stats: dict) -> str:

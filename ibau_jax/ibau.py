@@ -224,15 +224,36 @@ class IBAUConfig:
     repair_fit_steps: Adam steps (batches) of every pattern fit.
     repair_share: the share of clean probe images the pattern fitted on the input model must
       send to the target for the repair to run, in (0, 1].
+    warp_epochs: passes of a *warp repair* after the rounds and the repair (default 2; 0, as
+      in :meth:`official`: none), for warping triggers (WaNet), which additive perturbations
+      do not imitate (docs/results.md, sessions 24-25).  A check first fits, on the input
+      model, the untargeted universal warp of :func:`ibau_jax.probe.fit_warp`
+      (``warp_grid × warp_grid`` control displacements in ``[−warp_bound, warp_bound]``
+      pixels, ``warp_fit_steps`` Adam steps on the clean probe images): if it sends at least
+      ``warp_share`` of them to one class ``t`` (:func:`ibau_jax.probe.warp_share`; the input
+      model has a warping backdoor to ``t``), then before each pass the warp is fitted again
+      towards ``t`` on the current model, starting from the last one, and the pass
+      fine-tunes the parameters on the clean set with their true labels, the first
+      ``⌈repair_fraction · batch_size⌉`` images of every (shuffled) batch warped:
+      ``min_θ (1/B) Σ_i CE(f_θ(x̃_i), y_i)`` with Adam at ``repair_lr``, as the repair does
+      with its pattern.  Where the check is inactive the variables are left as they are.
+      ``result.warp`` records the target, the shares and the time.
+    warp_grid: side k of the warp's control grid (WaNet's is 4), at least 2.
+    warp_bound: largest control displacement, in pixels (WaNet's warps with strength 0.5
+      move pixels by about a quarter to half a pixel).
+    warp_fit_steps: Adam steps (batches) of every warp fit.
+    warp_share: the share of clean probe images the untargeted warp must send to one class
+      for the warp repair to run, in (0, 1].
     callback: ``callback(round_index, stats, variables)`` after every round, for progress
       display or ACC/ASR tracking; its return value is ignored.  Rounds restored from a
       checkpoint are replayed first with ``variables=None`` (their variables are not kept)
       and ``stats["seconds_before"]`` (their seconds in the interrupted run).
-    progress: ``progress(done, total)`` during the repair (``repair_epochs > 0``), which
-      takes a few rounds' time after the last round: ``total = 2 · repair_epochs + 2``
-      steps (the check's fit, then a fit and a pass per pass, then the last fit);
-      ``done`` jumps to ``total`` when the check finds no pattern.  Its return value is
-      ignored.
+    progress: ``progress(done, total)`` during the repair and the warp repair, which take a
+      few rounds' time after the last round: ``2 · repair_epochs + 2`` steps for the repair
+      (``repair_epochs > 0``; the check's fit, then a fit and a pass per pass, then the last
+      fit), then ``2 · warp_epochs + 2`` for the warp repair (``warp_epochs > 0``);
+      ``total`` is their sum, and ``done`` jumps to the end of a stage whose check finds
+      nothing.  Its return value is ignored.
     checkpoint_dir: a folder in which the state after every round (parameters, optimizer
       state, δ, the history, and what ``select`` keeps) is saved (``ibau.npz``, written
       atomically); a call given the same folder, inputs, key and settings resumes after the
@@ -286,6 +307,11 @@ class IBAUConfig:
   repair_lr: float = 1e-4
   repair_fit_steps: int = 150
   repair_share: float = 0.5
+  warp_epochs: int = 2
+  warp_grid: int = 4
+  warp_bound: float = 0.5
+  warp_fit_steps: int = 60
+  warp_share: float = 0.5
   callback: Optional[RoundCallback] = dataclasses.field(default=None, compare=False)
   progress: Optional[Callable[[int, int], Any]] = dataclasses.field(default=None, compare=False)
   checkpoint_dir: Optional[str] = dataclasses.field(default=None, compare=False)
@@ -310,16 +336,17 @@ class IBAUConfig:
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise ValueError(f"IBAUConfig.{name} must be a bool, got {getattr(self, name)!r}")
     for name in ("rounds", "batch_size", "inner_epochs", "probe_images", "probe_epochs",
-                 "repair_window", "repair_fit_steps"):
+                 "repair_window", "repair_fit_steps", "warp_fit_steps"):
       number(name, integer=True)
-    for name in ("repair_epochs", "retries", "solver_iterations"):
+    for name in ("repair_epochs", "retries", "solver_iterations", "warp_epochs"):
       number(name, integer=True, strict=False)
-    for name in ("inner_lr", "fixed_point_lr", "outer_lr", "repair_lr"):
+    number("warp_grid", integer=True, minimum=1)
+    for name in ("inner_lr", "fixed_point_lr", "outer_lr", "repair_lr", "warp_bound"):
       number(name)
     for name in ("inner_reg", "solver_tol"):
       number(name, strict=False)
     for name in ("perturbed_fraction", "outer_lr_decay", "probe_min_share", "retry_share",
-                 "repair_fraction", "repair_share"):
+                 "repair_fraction", "repair_share", "warp_share"):
       number(name, maximum=1)
     if self.norm_bound is not None and not (is_number(self.norm_bound) and self.norm_bound > 0):
       raise ValueError(f"IBAUConfig.norm_bound must be a finite number > 0 or None, "
@@ -385,7 +412,7 @@ class IBAUConfig:
                 perturbed_fraction=0.01,
                 hypergrad_batch="first", fixed_point="gradient", fixed_point_lr=0.1,
                 solver="neumann", solver_iterations=5, outer_optimizer="adam", outer_lr=1e-3,
-                retries=0, repair_epochs=0)
+                retries=0, repair_epochs=0, warp_epochs=0)
     base.update(overrides)
     return cls(**base)
 
@@ -476,6 +503,11 @@ class UnlearnResult:
       target), ``active`` (``input_share ≥ repair_share``: the passes ran), ``shares`` (the
       re-fitted pattern's share before every pass and after the last), ``losses`` (each
       pass's mean loss) and ``seconds``; None with ``repair_epochs=0``.
+    warp: with ``warp_epochs > 0``, the warp repair (see ``IBAUConfig.warp_epochs``):
+      ``target`` (the class the input model's untargeted warp sends most probe images to),
+      ``input_share`` (the share it sends there), ``active`` (``input_share ≥ warp_share``),
+      ``shares`` (the re-fitted warp's share before every pass and after the last),
+      ``losses`` and ``seconds``; None with ``warp_epochs=0``.
   """
 
   variables: PyTree
@@ -485,6 +517,7 @@ class UnlearnResult:
   suspect: Optional[dict] = None
   stamp: Optional[dict] = None
   repair: Optional[dict] = None
+  warp: Optional[dict] = None
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -888,7 +921,8 @@ def _compiled_programs() -> int:
 _HOST_ONLY_FIELDS = ("rounds", "select", "average_from", "probe_bounds", "probe_images",
                      "probe_epochs", "probe_min_share", "retries", "retry_share", "repair_epochs",
                      "repair_window", "repair_fraction", "repair_lr", "repair_fit_steps",
-                     "repair_share", "loop",
+                     "repair_share", "warp_epochs", "warp_grid", "warp_bound",
+                     "warp_fit_steps", "warp_share", "loop",
                      "callback", "progress", "checkpoint_dir")
 
 
@@ -990,8 +1024,9 @@ def _repair_step(apply_fn: ApplyFn, params: PyTree, state: PyTree, rest: PyTree,
 
 def _repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, input_params: PyTree,
             rest: PyTree, images: jax.Array, labels: jax.Array, probe_x: np.ndarray,
-            delta0: np.ndarray, target: int, key: jax.Array) -> tuple[PyTree, dict]:
-  """``IBAUConfig.repair_epochs``: the window check and, where it fires, the repair passes."""
+            delta0: np.ndarray, target: int, key: jax.Array, report) -> tuple[PyTree, dict]:
+  """``IBAUConfig.repair_epochs``: the window check and, where it fires, the repair passes
+  (``report(done)`` after each step, ``2 · repair_epochs + 2`` in all)."""
   start = time.perf_counter()
   bsz, size = config.batch_size, min(config.repair_window, *delta0.shape[:2])
   corner = probe.best_window(delta0, size)
@@ -1002,10 +1037,8 @@ def _repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, input_params:
   def share(p, u):
     return probe.window_share(apply_fn, {"params": p, **rest}, probe_x, mask, u, target, bsz)
 
-  total = 2 * config.repair_epochs + 2
-  report = config.progress if config.progress is not None else (lambda done, total: None)
   u = fit({"params": input_params, **rest})
-  report(1, total)
+  report(1)
   info = dict(target=int(target), corner=list(corner), size=size,
               input_share=share(input_params, u), shares=[], losses=[])
   info["active"] = info["input_share"] >= config.repair_share
@@ -1017,7 +1050,7 @@ def _repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, input_params:
     for epoch in range(config.repair_epochs):
       u = fit({"params": params, **rest}, init=u)
       info["shares"].append(share(params, u))
-      report(2 + 2 * epoch, total)
+      report(2 + 2 * epoch)
       order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, _REPAIR_KEY),
                                                         epoch), n)
       pattern = jax.nn.sigmoid(jnp.asarray(u))
@@ -1032,10 +1065,75 @@ def _repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, input_params:
         raise NonFiniteHypergradientError(
             f"the parameters became non-finite in repair pass {epoch}; the input variables "
             "are unchanged. Try a smaller IBAUConfig.repair_lr.")
-      report(3 + 2 * epoch, total)
+      report(3 + 2 * epoch)
     u = fit({"params": params, **rest}, init=u)
     info["shares"].append(share(params, u))
-  report(total, total)
+  info["seconds"] = time.perf_counter() - start
+  return params, info
+
+
+_WARP_KEY = 0x7FFFFFFE  # fold_in data of the warp repair's shuffles
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _warp_step(apply_fn: ApplyFn, params: PyTree, state: PyTree, rest: PyTree, x: jax.Array,
+               y: jax.Array, phi: jax.Array, warped: jax.Array, lr: jax.Array):
+  """One Adam step of the warp repair: ``CE(f(x̃), y)`` with ``x̃ = warp(x, φ)`` where
+  ``warped`` and ``x`` elsewhere."""
+
+  def loss(p):
+    xs = jnp.where(warped[:, None, None, None], probe.warp(x, phi), x)
+    return _cross_entropy(apply_fn({"params": p, **rest}, xs), y)
+
+  value, grads = jax.value_and_grad(loss)(params)
+  updates, state = optax.scale_by_adam().update(grads, state)
+  params = jax.tree_util.tree_map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
+  return params, state, value
+
+
+def _warp_repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree,
+                 input_params: PyTree, rest: PyTree, images: jax.Array, labels: jax.Array,
+                 probe_x: np.ndarray, key: jax.Array, report) -> tuple[PyTree, dict]:
+  """``IBAUConfig.warp_epochs``: the warp check and, where it fires, the warp repair passes
+  (``report(done)`` after each step, ``2 · warp_epochs + 2`` in all)."""
+  start = time.perf_counter()
+  bsz = config.batch_size
+  fit = functools.partial(probe.fit_warp, apply_fn, images=probe_x, bound=config.warp_bound,
+                          grid=config.warp_grid, steps=config.warp_fit_steps, batch_size=bsz)
+  phi = fit({"params": input_params, **rest})
+  target, input_share = probe.warp_share(apply_fn, {"params": input_params, **rest}, probe_x,
+                                         phi, batch_size=bsz)
+  report(1)
+  info = dict(target=target, input_share=input_share, shares=[], losses=[],
+              active=input_share >= config.warp_share)
+  if info["active"]:
+    state = optax.scale_by_adam().init(params)
+    warped = jnp.arange(bsz) < max(1, math.ceil(config.repair_fraction * bsz))
+    lr = jnp.asarray(config.repair_lr, jnp.float32)
+    n = images.shape[0]
+    for epoch in range(config.warp_epochs):
+      v = {"params": params, **rest}
+      phi = fit(v, target=target, init=phi)
+      info["shares"].append(probe.warp_share(apply_fn, v, probe_x, phi, target, bsz)[1])
+      report(2 + 2 * epoch)
+      order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, _WARP_KEY),
+                                                        epoch), n)
+      phi_j = jnp.asarray(phi)
+      losses = []
+      for i in range(0, n - bsz + 1, bsz):
+        idx = order[i:i + bsz]
+        params, state, loss = _warp_step(apply_fn, params, state, rest, images[idx],
+                                         labels[idx], phi_j, warped, lr)
+        losses.append(loss)
+      info["losses"].append(float(jnp.mean(jnp.stack(losses))))
+      if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(params)):
+        raise NonFiniteHypergradientError(
+            f"the parameters became non-finite in warp repair pass {epoch}; the input "
+            "variables are unchanged. Try a smaller IBAUConfig.repair_lr.")
+      report(3 + 2 * epoch)
+    v = {"params": params, **rest}
+    phi = fit(v, target=target, init=phi)
+    info["shares"].append(probe.warp_share(apply_fn, v, probe_x, phi, target, bsz)[1])
   info["seconds"] = time.perf_counter() - start
   return params, info
 
@@ -1127,7 +1225,8 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
         if config.callback is not None:
           config.callback(entry["round"], dict(entry), None)
   probe_x = None  # the clean images the probes and the stamp check look at
-  if config.select == "probe" or config.retries > 0 or config.repair_epochs > 0:
+  if (config.select == "probe" or config.retries > 0 or config.repair_epochs > 0
+      or config.warp_epochs > 0):
     probe_x = np.asarray(images[:max(config.batch_size, config.probe_images)])
   probe_kw = dict(epochs=config.probe_epochs, batch_size=config.batch_size)
   if config.select == "probe" and first == 0:
@@ -1217,12 +1316,28 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
   if total is not None:
     count = config.rounds - config.average_from
     selected, params = None, jax.tree_util.tree_map(lambda t: t / count, total)
-  repair = None
+  repair = warp = None
+  stages = [2 * e + 2 for e in (config.repair_epochs, config.warp_epochs) if e > 0]
+  total = sum(stages)
+
+  def reporter(offset):
+    def report(done):
+      if config.progress is not None:
+        config.progress(offset + done, total)
+    return report
+
   if config.repair_epochs > 0:
+    report = reporter(0)
     params, repair = _repair(config, apply_fn, params, input_params, rest, images, labels,
-                             probe_x, delta0, stamp["target"], key)
+                             probe_x, delta0, stamp["target"], key, report)
+    report(stages[0])
+  if config.warp_epochs > 0:
+    report = reporter(total - stages[-1])
+    params, warp = _warp_repair(config, apply_fn, params, input_params, rest, images, labels,
+                                probe_x, key, report)
+    report(stages[-1])
   _resume.remove(path)
   return UnlearnResult(variables={**variables, "params": params} if isinstance(variables, dict)
                        else type(variables)({**variables, "params": params}),
                        history=history, perturbation=delta, selected_round=selected,
-                       suspect=suspect, stamp=stamp, repair=repair)
+                       suspect=suspect, stamp=stamp, repair=repair, warp=warp)

@@ -50,13 +50,15 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
   assert results["config"]["dataset"] == "cifar10" and results["versions"]["jax"]
   (cell,) = results["cells"]
   assert cell["attack"] == "badnets" and cell["defense"] == "ibau" and len(cell["rounds"]) == 1
-  # What I-BAU reports beyond its rounds (the stamp check, the repair), without wall times.
+  # What I-BAU reports beyond its rounds (the stamp check, the repairs), without wall times.
   details = cell["details"]
   assert details["selected_round"] == 0
   assert set(details["stamp"]) == {"target", "share", "active"}
   assert {"target", "corner", "size", "input_share", "active", "shares",
           "losses"} == set(details["repair"])
   assert details["repair"]["active"] == (details["repair"]["input_share"] >= 0.5)
+  assert {"target", "input_share", "active", "shares", "losses"} == set(details["warp"])
+  assert details["warp"]["active"] == (details["warp"]["input_share"] >= 0.5)
   # The configs the cell ran with, recorded by the cell itself.
   config = pipeline.ExperimentConfig.from_dict(results["config"])
   assert cell["defense_config"] == json.loads(json.dumps(

@@ -203,9 +203,9 @@ def test_unlearn_returns_same_structure_and_passes_other_collections_through():
   variables = _variables()
   x, y = _data()
   seen = []
-  # (No repair: the returned variables are the last round's.)
+  # (No repairs: the returned variables are the last round's.)
   config = SMALL.replace(callback=lambda r, stats, v: seen.append((r, stats, v)),
-                         repair_epochs=0)
+                         repair_epochs=0, warp_epochs=0)
   result = ibau_jax.unlearn(apply_fn, variables, x, y, config, key=jax.random.PRNGKey(0))
   assert (jax.tree_util.tree_structure(result.variables)
           == jax.tree_util.tree_structure(variables))
@@ -484,7 +484,9 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
     ("retry_share", 0.0), ("retry_share", 1.5), ("repair_epochs", -1), ("repair_epochs", 1.0),
     ("repair_window", 0), ("repair_fraction", 0.0), ("repair_fraction", 1.5),
     ("repair_lr", 0.0), ("repair_fit_steps", 0), ("repair_share", 0.0), ("repair_share", 2.0),
-    ("callback", 3), ("progress", "bar"),
+    ("warp_epochs", -1), ("warp_epochs", 2.0), ("warp_grid", 1), ("warp_bound", 0.0),
+    ("warp_bound", float("inf")), ("warp_bound", "0.5"), ("warp_fit_steps", 0),
+    ("warp_share", 0.0), ("warp_share", 1.5), ("callback", 3), ("progress", "bar"),
     # Bools must be real bools, not truthy strings or numbers.
     ("shuffle", "no"), ("pseudo_labels", "False"), ("clamp", "yes"), ("clamp", 1),
     # Numbers must be real numbers (not strings, bools or NaN) in their range.
@@ -882,7 +884,7 @@ def test_inner_refine_continues_from_the_main_solvers_delta():
 def test_a_run_interrupted_in_the_repair_resumes_from_its_last_round(monkeypatch, tmp_path):
   variables = _variables()
   x, y = _data()
-  config = SMALL.replace(repair_share=0.01, checkpoint_dir=str(tmp_path))
+  config = SMALL.replace(repair_share=0.01, warp_epochs=0, checkpoint_dir=str(tmp_path))
   run = lambda c: ibau_jax.unlearn(apply_fn, variables, x, y, c, key=jax.random.PRNGKey(5))
   whole = run(config.replace(checkpoint_dir=None))
   assert whole.repair["active"]

@@ -233,7 +233,7 @@ def _repaired(backdoor, **kw):
   config = ibau_jax.IBAUConfig(**{**dict(
       rounds=1, batch_size=50, inner_candidates=(), norm_bound=1.0, outer_lr=1e-4, retries=0,
       probe_images=100, repair_window=2, repair_lr=1.0, repair_fraction=0.5,
-      repair_fit_steps=50), **kw})
+      repair_fit_steps=50, warp_epochs=0), **kw})
   result = ibau_jax.unlearn(apply_fn, linear_model(backdoor), x, y, config,
                             key=jax.random.PRNGKey(0))
   planted = np.zeros((H, W, 1), np.float32)
@@ -282,3 +282,103 @@ def test_a_repair_pass_that_makes_the_parameters_non_finite_raises(monkeypatch):
   monkeypatch.setattr(ibau, "_repair_step", poisoned)
   with pytest.raises(ibau.NonFiniteHypergradientError, match="repair pass 0"):
     _repaired(True, repair_epochs=2)
+
+
+# Universal warps ----------------------------------------------------------------------
+
+STRIPE = (7, slice(3, 5))  # every image is bright there
+EDGE = (6, slice(3, 5))  # just above it: dark, unless the rows move down
+
+
+def warp_images(n=200, seed=1):
+  x = images(n, seed)
+  x[:, STRIPE[0], STRIPE[1]] = 1.0
+  return x
+
+
+def warp_model(backdoor: bool):
+  """The regions' model; with ``backdoor``, the pixels above the stripe drive class 2, so
+  that sampling them half a row lower (a warp) sends every image there."""
+  v = linear_model(False)
+  if backdoor:
+    w = np.array(v["params"]["w"])
+    w[EDGE[0], EDGE[1], 0, 2] = 30.0
+    v = {"params": {"w": jnp.asarray(w), "b": v["params"]["b"]}}
+  return v
+
+
+def test_warp_is_the_identity_at_zero_and_a_shift_for_a_constant_field():
+  x = jnp.asarray(images(10))
+  np.testing.assert_array_equal(probe.warp(x, np.zeros((4, 4, 2))), x)
+  # A constant field of (1, 0) samples one row lower; the last row repeats.
+  down = np.zeros((4, 4, 2), np.float32)
+  down[..., 0] = 1.0
+  out = np.asarray(probe.warp(x, down))
+  np.testing.assert_allclose(out[:, :-1], np.asarray(x)[:, 1:], atol=1e-6)
+  np.testing.assert_allclose(out[:, -1], np.asarray(x)[:, -1], atol=1e-6)
+  # Half a column to the right: the mean of each pixel and its right neighbour.
+  right = np.zeros((4, 4, 2), np.float32)
+  right[..., 1] = 0.5
+  out = np.asarray(probe.warp(x, right))
+  np.testing.assert_allclose(out[:, :, :-1], (np.asarray(x)[:, :, :-1] + np.asarray(x)[:, :, 1:]) / 2,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="phi"):
+    probe.warp(x, np.zeros((4, 4)))
+
+
+def test_the_untargeted_warp_finds_a_warping_backdoor_and_not_on_a_clean_model():
+  x = warp_images()
+  v = warp_model(True)
+  assert probe.warp_share(apply_fn, v, x, np.zeros((4, 4, 2)), target=2)[1] == 0.0
+  phi = probe.fit_warp(apply_fn, v, x, bound=0.5, steps=40, batch_size=50)
+  assert np.abs(phi).max() <= 0.5 + 1e-6
+  assert probe.warp_share(apply_fn, v, x, phi) == (2, 1.0)
+  clean = warp_model(False)
+  phi = probe.fit_warp(apply_fn, clean, x, bound=0.5, steps=40, batch_size=50)
+  assert probe.warp_share(apply_fn, clean, x, phi)[1] < 0.1
+  # Targeted: towards class 2 on the backdoored model, the same.
+  phi = probe.fit_warp(apply_fn, v, x, bound=0.5, target=2, steps=40, batch_size=50)
+  assert probe.warp_share(apply_fn, v, x, phi, target=2) == (2, 1.0)
+
+
+def _warp_repaired(backdoor, **kw):
+  import ibau_jax
+  x, y = warp_images(200), (np.arange(200) % CLASSES).astype(np.int32)
+  config = ibau_jax.IBAUConfig(**{**dict(
+      rounds=1, batch_size=50, inner_candidates=(), norm_bound=1.0, outer_lr=1e-4, retries=0,
+      repair_epochs=0, probe_images=100, repair_lr=1.0, repair_fraction=0.5,
+      warp_fit_steps=40), **kw})
+  result = ibau_jax.unlearn(apply_fn, warp_model(backdoor), x, y, config,
+                            key=jax.random.PRNGKey(0))
+  down = np.zeros((4, 4, 2), np.float32)
+  down[..., 0] = 0.5  # the planted trigger: half a row down
+  return result, probe.warp_share(apply_fn, result.variables, x, down, target=2)[1]
+
+
+def test_the_warp_repair_finds_the_planted_warp_and_unlearns_it():
+  plain, plain_share = _warp_repaired(True, warp_epochs=0)
+  assert plain.warp is None and plain_share == 1.0  # the rounds left the backdoor
+  calls = []
+  result, share = _warp_repaired(True, warp_epochs=2,
+                                 progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(i, 6) for i in range(1, 7)]
+  info = result.warp
+  assert (info["target"], info["input_share"], info["active"]) == (2, 1.0, True)
+  assert len(info["shares"]) == 3 and len(info["losses"]) == 2
+  assert info["shares"][0] == 1.0 and info["shares"][-1] < 0.1
+  assert share < 0.1  # the planted warp no longer works
+  strip = lambda h: {k: v for k, v in h.items() if k != "seconds"}
+  assert [strip(h) for h in result.history] == [strip(h) for h in plain.history]
+  # On the clean model no warp moves the images: nothing runs, the rounds' variables stay.
+  calls.clear()
+  clean, _ = _warp_repaired(False, warp_epochs=2,
+                            progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(1, 6), (6, 6)] and not clean.warp["active"]
+  clean_plain, _ = _warp_repaired(False, warp_epochs=0)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, clean.variables, clean_plain.variables)
+  # With the patch repair too, the two stages share one progress count.
+  calls.clear()
+  _warp_repaired(True, warp_epochs=1, repair_epochs=1, repair_window=2, repair_fit_steps=10,
+                 progress=lambda done, total: calls.append((done, total)))
+  assert calls[-1] == (8, 8) and all(t == 8 for _, t in calls)
+  assert [d for d, _ in calls] == sorted(d for d, _ in calls)

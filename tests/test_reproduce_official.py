@@ -186,6 +186,37 @@ def test_reproduce_reports_the_returned_variables_with_select_average_and_resume
   assert "checkpoint_dir" not in row["config_fields"]
 
 
+def test_reproduce_reports_the_variables_after_the_warp_repair(fake_dirs, capsys, monkeypatch):
+  # select="last" with an active warp repair: the row's numbers after are those of the
+  # returned (warp-repaired) variables, not the last round's.
+  import ibau_jax
+  data, ref = fake_dirs
+  seen = []
+  real = reproduce_official.metrics.evaluate
+
+  def evaluate(apply_fn, variables, *args):
+    seen.append(variables)
+    return real(apply_fn, variables, *args)
+
+  monkeypatch.setattr(reproduce_official.metrics, "evaluate", evaluate)
+  overrides = dict(rounds=1, batch_size=50, inner_candidates=(), solver_iterations=2,
+                   repair_epochs=0, retries=0, warp_epochs=1, warp_fit_steps=3,
+                   warp_share=0.01, repair_lr=0.5)
+  row = reproduce_official.run_cell("badnets_8_02", "default", 0, data_dir=str(data),
+                                    reference_dir=ref, clean_size=100, overrides=overrides)
+  assert row["warp"]["active"] and "warp repair: class" in capsys.readouterr().out
+  assert len(seen) == 3  # before, round 0, the returned variables
+  clean_x, clean_y, _, _ = reproduce_official._split("cifar10", str(data), 100)
+  model = get_model("small_vgg16", 10)
+  variables = torch_import.load_torch_state(ref / "badnets_8_02.npz", "small_vgg16")
+  result = ibau_jax.unlearn(model.apply, variables, clean_x, clean_y,
+                            ibau_jax.IBAUConfig().replace(**overrides), key=jax.random.PRNGKey(0))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, seen[-1], result.variables)
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), seen[-1]["params"],
+                                 seen[1]["params"])
+  assert max(jax.tree_util.tree_leaves(moved)) > 0  # the warp repair changed them
+
+
 def test_a_second_reproduction_in_a_busy_output_folder_stops_at_once(fake_dirs, tmp_path):
   from ibau_jax import files
   data, ref = fake_dirs
