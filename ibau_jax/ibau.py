@@ -507,7 +507,9 @@ class UnlearnResult:
       ``target`` (the class the input model's untargeted warp sends most probe images to),
       ``input_share`` (the share it sends there), ``active`` (``input_share ≥ warp_share``),
       ``shares`` (the re-fitted warp's share before every pass and after the last),
-      ``losses`` and ``seconds``; None with ``warp_epochs=0``.
+      ``losses``, ``phi`` (the last fitted control displacements, ``(k, k, 2)`` nested
+      lists, pixels: for :func:`ibau_jax.probe.warp`) and ``seconds``; None with
+      ``warp_epochs=0``.
   """
 
   variables: PyTree
@@ -1134,6 +1136,7 @@ def _warp_repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree,
     v = {"params": params, **rest}
     phi = fit(v, target=target, init=phi)
     info["shares"].append(probe.warp_share(apply_fn, v, probe_x, phi, target, bsz)[1])
+  info["phi"] = np.asarray(phi).tolist()
   info["seconds"] = time.perf_counter() - start
   return params, info
 

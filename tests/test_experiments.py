@@ -57,7 +57,7 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
   assert {"target", "corner", "size", "input_share", "active", "shares",
           "losses"} == set(details["repair"])
   assert details["repair"]["active"] == (details["repair"]["input_share"] >= 0.5)
-  assert {"target", "input_share", "active", "shares", "losses"} == set(details["warp"])
+  assert {"target", "input_share", "active", "shares", "losses", "phi"} == set(details["warp"])
   assert details["warp"]["active"] == (details["warp"]["input_share"] >= 0.5)
   # The configs the cell ran with, recorded by the cell itself.
   config = pipeline.ExperimentConfig.from_dict(results["config"])

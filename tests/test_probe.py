@@ -365,6 +365,7 @@ def test_the_warp_repair_finds_the_planted_warp_and_unlearns_it():
   info = result.warp
   assert (info["target"], info["input_share"], info["active"]) == (2, 1.0, True)
   assert len(info["shares"]) == 3 and len(info["losses"]) == 2
+  assert np.asarray(info["phi"]).shape == (4, 4, 2)
   assert info["shares"][0] == 1.0 and info["shares"][-1] < 0.1
   assert share < 0.1  # the planted warp no longer works
   strip = lambda h: {k: v for k, v in h.items() if k != "seconds"}
@@ -374,6 +375,7 @@ def test_the_warp_repair_finds_the_planted_warp_and_unlearns_it():
   clean, _ = _warp_repaired(False, warp_epochs=2,
                             progress=lambda done, total: calls.append((done, total)))
   assert calls == [(1, 6), (6, 6)] and not clean.warp["active"]
+  assert np.abs(np.asarray(clean.warp["phi"])).max() <= 0.5 + 1e-6  # the check's warp
   clean_plain, _ = _warp_repaired(False, warp_epochs=0)
   jax.tree_util.tree_map(np.testing.assert_array_equal, clean.variables, clean_plain.variables)
   # With the patch repair too, the two stages share one progress count.
