@@ -966,7 +966,8 @@ def write_reports(config: ExperimentConfig, cells: Sequence[dict], workdir: path
 def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
               splits: Optional[Splits]) -> None:
   """``<cell>_rounds.png`` (ACC/ASR/RA per round, round 0 = before the defense) and
-  ``<cell>_gallery.png`` (clean images, triggered images, the recovered δ)."""
+  ``<cell>_gallery.png`` (clean images, triggered images, the recovered δ and, where I-BAU's
+  warp repair ran, its last warp: the displacement field and what it changes)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -1000,14 +1001,17 @@ def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
   attack = make_attack(cell["attack"], config).for_evaluation()
   images = splits.eval_x[:6]
   triggered = np.asarray(attack.apply(images))
-  rows = 3 if cell.get("delta") is not None else 2
+  has_delta = cell.get("delta") is not None
+  warp_info = (cell.get("details") or {}).get("warp") or {}
+  has_warp = bool(warp_info.get("active")) and warp_info.get("phi") is not None
+  rows = 2 + has_delta + has_warp
   fig, axes = plt.subplots(rows, 6, figsize=(9, 1.6 * rows + 0.4))
   for j in range(6):
     axes[0, j].imshow(images[j])
     axes[1, j].imshow(triggered[j])
   axes[0, 0].set_ylabel("clean")
   axes[1, 0].set_ylabel("triggered")
-  if rows == 3:
+  if has_delta:
     delta = np.asarray(cell["delta"], np.float32)
     scale = max(float(np.abs(delta).max()), 1e-12)
     axes[2, 0].imshow(0.5 + 0.5 * delta / scale)
@@ -1018,6 +1022,26 @@ def plot_cell(config: ExperimentConfig, cell: dict, folder: pathlib.Path,
       if j >= 2:
         axes[2, j].imshow(np.clip(images[j - 2] + delta, 0, 1))
         axes[2, j].set_title("x + δ", fontsize=8)
+  if has_warp:
+    # I-BAU's warp repair: the last fitted universal warp (ibau_jax.probe.warp), as its
+    # displacement field and as the change it makes to the clean images.
+    from ibau_jax import probe
+    from ibau_jax.attacks.wanet import upsample
+    row = rows - 1
+    phi = np.asarray(warp_info["phi"], np.float32)
+    field = upsample(phi, images.shape[1], images.shape[2], "bicubic")
+    step = max(1, images.shape[1] // 8)
+    grid_r, grid_c = np.mgrid[0:images.shape[1]:step, 0:images.shape[2]:step]
+    axes[row, 0].imshow(np.ones(images.shape[1:3]), cmap="gray", vmin=0, vmax=1)
+    axes[row, 0].quiver(grid_c, grid_r, field[::step, ::step, 1], field[::step, ::step, 0],
+                        angles="xy", scale_units="xy", scale=0.5 / step)  # arrows: 2·step × D
+    axes[row, 0].set_ylabel("warp")
+    axes[row, 0].set_title(f"samples from (max {np.abs(field).max():.2f} px)", fontsize=7)
+    changed = np.asarray(probe.warp(images[:5], phi)) - images[:5]
+    scale = max(float(np.abs(changed).max()), 1e-12)
+    for j in range(1, 6):
+      axes[row, j].imshow(0.5 + 0.5 * changed[j - 1] / scale)
+      axes[row, j].set_title("warp(x) − x (scaled)", fontsize=8)
   for a in axes.ravel():
     a.set_xticks([])
     a.set_yticks([])

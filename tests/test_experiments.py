@@ -959,3 +959,20 @@ def test_stats_keep_small_values_and_drop_large_ones_at_any_depth():
            "small_array": np.ones((2, 3)), "scalar": np.float32(0.25), "masks": {"a": nested}}
   assert pipeline._jsonable(stats) == {"small": small, "small_array": [[1.0] * 3] * 2,
                                        "scalar": 0.25, "masks": {}}
+
+
+def test_the_gallery_shows_the_warp_of_an_active_warp_repair(tmp_path):
+  import matplotlib.image
+  config = pipeline.preset("smoke", "cifar10")
+  splits = pipeline.load_splits(config, None)
+  cell = dict(attack="wanet", defense="ibau", seed=0, rounds=[dict(acc=0.5, asr=0.1, ra=0.4)],
+              acc_before=0.5, asr_before=0.9, ra_before=0.1, acc_after=0.5, asr_after=0.05,
+              ra_after=0.4, delta=np.zeros((32, 32, 3)).tolist())
+  heights = []
+  for warp in (None, dict(active=False, phi=np.zeros((4, 4, 2)).tolist()),
+               dict(active=True, phi=np.full((4, 4, 2), 0.5).tolist())):
+    folder = tmp_path / str(len(heights))
+    pipeline.plot_cell(config, {**cell, "details": {"warp": warp}}, folder, splits)
+    heights.append(matplotlib.image.imread(folder / "wanet__ibau__seed0_gallery.png").shape[0])
+  # Clean, triggered and δ rows; a fourth row only for a warp repair that ran.
+  assert heights[0] == heights[1] < heights[2]
