@@ -296,11 +296,13 @@ def preset(name: str, dataset: str) -> ExperimentConfig:
   * ``cpu``: the 2-core CPU budget: small-VGG16 without dropout trained with the CPU
     training preset (:data:`ibau_jax.train.CPU_PRESET`), then the default I-BAU; the
     baseline defenses run with fewer steps (:data:`CPU_DEFENSE_SETTINGS`).  Runtime
-    of one (attack, ibau) cell on 2 CPU cores, measured on the machine of sessions 22-23
-    (docs/results.md): CIFAR-10 about 20 minutes (training 8 epochs, 10.9-12.5 minutes
-    alone, up to 21 shared; WaNet's command with the model cached, I-BAU's 5 rounds and the
-    evaluations, 7.4 minutes); GTSRB 12.9 minutes end to end (training 3.2; partly shared).
-    A trained model is cached and reused, which leaves the I-BAU part.
+    of one (attack, ibau) cell on 2 CPU cores (AMD EPYC host of sessions 22-25,
+    docs/results.md): CIFAR-10 at most 25 minutes (WaNet's command end to end, the machine
+    to itself, session 25: 23.3 minutes, of which training 8 epochs 12.9 and I-BAU's 5
+    rounds with its repairs and the evaluations the rest; training alone 10.9-12.9 minutes,
+    up to 21 shared); GTSRB at most 15 minutes (BadNets' command end to end alone, session
+    25: 11.1 minutes, training 3.2).  A trained model is cached and reused, which leaves the
+    I-BAU part (CIFAR-10 WaNet: 7.5-13 minutes).
   * ``paper``: the paper's training (:data:`ibau_jax.train.PAPER_PRESET`, 50 epochs;
     for accelerators), then the default I-BAU.
   """
@@ -625,7 +627,7 @@ def run_defense(defense: str, dconfig, apply_fn, variables, images, labels, key,
 
     def show(done, total):
       if "bar" not in inner:
-        inner["bar"] = _bar(total, f"{desc} ({'repair' if defense == 'ibau' else 'steps'})",
+        inner["bar"] = _bar(total, f"{desc} ({'repairs' if defense == 'ibau' else 'steps'})",
                             True)
       inner["bar"].update(done - inner["bar"].n)
       if done >= total:
