@@ -1024,6 +1024,37 @@ def _repair_step(apply_fn: ApplyFn, params: PyTree, state: PyTree, rest: PyTree,
   return params, state, value
 
 
+def _unlearning_passes(config: IBAUConfig, epochs: int, params: PyTree, images: jax.Array,
+                       labels: jax.Array, key: jax.Array, stage: str, refit, step, report,
+                       info: dict) -> PyTree:
+  """The passes of a repair: before pass ``e``, ``refit(params)`` fits the trigger again on
+  the current model and returns its arguments for ``step``; then one pass of
+  ``step(params, state, x, y, *trigger, marked, lr)`` (Adam at ``repair_lr``) over the clean
+  set shuffled with ``fold_in(key, e)``, the first ``⌈repair_fraction · batch_size⌉`` images
+  of every batch ``marked`` to carry the trigger.  Appends each pass's mean loss to
+  ``info["losses"]``; raises if the parameters turn non-finite."""
+  bsz, n = config.batch_size, images.shape[0]
+  state = optax.scale_by_adam().init(params)
+  marked = jnp.arange(bsz) < max(1, math.ceil(config.repair_fraction * bsz))
+  lr = jnp.asarray(config.repair_lr, jnp.float32)
+  for epoch in range(epochs):
+    trigger = refit(params)
+    report(2 + 2 * epoch)
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    losses = []
+    for i in range(0, n - bsz + 1, bsz):
+      idx = order[i:i + bsz]
+      params, state, loss = step(params, state, images[idx], labels[idx], *trigger, marked, lr)
+      losses.append(loss)
+    info["losses"].append(float(jnp.mean(jnp.stack(losses))))
+    if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(params)):
+      raise NonFiniteHypergradientError(
+          f"the parameters became non-finite in {stage} {epoch}; the input variables are "
+          "unchanged. Try a smaller IBAUConfig.repair_lr.")
+    report(3 + 2 * epoch)
+  return params
+
+
 def _repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, input_params: PyTree,
             rest: PyTree, images: jax.Array, labels: jax.Array, probe_x: np.ndarray,
             delta0: np.ndarray, target: int, key: jax.Array, report) -> tuple[PyTree, dict]:
@@ -1045,29 +1076,17 @@ def _repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, input_params:
               input_share=share(input_params, u), shares=[], losses=[])
   info["active"] = info["input_share"] >= config.repair_share
   if info["active"]:
-    state = optax.scale_by_adam().init(params)
-    stamped = jnp.arange(bsz) < max(1, math.ceil(config.repair_fraction * bsz))
-    lr = jnp.asarray(config.repair_lr, jnp.float32)
-    n = images.shape[0]
-    for epoch in range(config.repair_epochs):
-      u = fit({"params": params, **rest}, init=u)
-      info["shares"].append(share(params, u))
-      report(2 + 2 * epoch)
-      order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, _REPAIR_KEY),
-                                                        epoch), n)
-      pattern = jax.nn.sigmoid(jnp.asarray(u))
-      losses = []
-      for i in range(0, n - bsz + 1, bsz):
-        idx = order[i:i + bsz]
-        params, state, loss = _repair_step(apply_fn, params, state, rest, images[idx],
-                                           labels[idx], mask, pattern, stamped, lr)
-        losses.append(loss)
-      info["losses"].append(float(jnp.mean(jnp.stack(losses))))
-      if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(params)):
-        raise NonFiniteHypergradientError(
-            f"the parameters became non-finite in repair pass {epoch}; the input variables "
-            "are unchanged. Try a smaller IBAUConfig.repair_lr.")
-      report(3 + 2 * epoch)
+    def refit(p):
+      nonlocal u
+      u = fit({"params": p, **rest}, init=u)
+      info["shares"].append(share(p, u))
+      return mask, jax.nn.sigmoid(jnp.asarray(u))
+
+    params = _unlearning_passes(
+        config, config.repair_epochs, params, images, labels, jax.random.fold_in(key, _REPAIR_KEY),
+        "repair pass", refit,
+        lambda p, state, x, y, *a: _repair_step(apply_fn, p, state, rest, x, y, *a),
+        report, info)
     u = fit({"params": params, **rest}, init=u)
     info["shares"].append(share(params, u))
   info["seconds"] = time.perf_counter() - start
@@ -1109,30 +1128,18 @@ def _warp_repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree,
   info = dict(target=target, input_share=input_share, shares=[], losses=[],
               active=input_share >= config.warp_share)
   if info["active"]:
-    state = optax.scale_by_adam().init(params)
-    warped = jnp.arange(bsz) < max(1, math.ceil(config.repair_fraction * bsz))
-    lr = jnp.asarray(config.repair_lr, jnp.float32)
-    n = images.shape[0]
-    for epoch in range(config.warp_epochs):
-      v = {"params": params, **rest}
+    def refit(p):
+      nonlocal phi
+      v = {"params": p, **rest}
       phi = fit(v, target=target, init=phi)
       info["shares"].append(probe.warp_share(apply_fn, v, probe_x, phi, target, bsz)[1])
-      report(2 + 2 * epoch)
-      order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, _WARP_KEY),
-                                                        epoch), n)
-      phi_j = jnp.asarray(phi)
-      losses = []
-      for i in range(0, n - bsz + 1, bsz):
-        idx = order[i:i + bsz]
-        params, state, loss = _warp_step(apply_fn, params, state, rest, images[idx],
-                                         labels[idx], phi_j, warped, lr)
-        losses.append(loss)
-      info["losses"].append(float(jnp.mean(jnp.stack(losses))))
-      if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(params)):
-        raise NonFiniteHypergradientError(
-            f"the parameters became non-finite in warp repair pass {epoch}; the input "
-            "variables are unchanged. Try a smaller IBAUConfig.repair_lr.")
-      report(3 + 2 * epoch)
+      return (jnp.asarray(phi),)
+
+    params = _unlearning_passes(
+        config, config.warp_epochs, params, images, labels, jax.random.fold_in(key, _WARP_KEY),
+        "warp repair pass", refit,
+        lambda p, state, x, y, *a: _warp_step(apply_fn, p, state, rest, x, y, *a),
+        report, info)
     v = {"params": params, **rest}
     phi = fit(v, target=target, init=phi)
     info["shares"].append(probe.warp_share(apply_fn, v, probe_x, phi, target, bsz)[1])

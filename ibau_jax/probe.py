@@ -219,6 +219,16 @@ def window_mask(shape, corner: tuple[int, int], size: int) -> np.ndarray:
   return mask
 
 
+def _adam_direction(g: jax.Array, moments: PyTree, count: jax.Array):
+  """Adam's step direction (β = 0.9, 0.999, ε = 1e-8; multiply by the learning rate) for the
+  gradient ``g``, with the updated ``moments`` and ``count``."""
+  m, v = moments
+  count = count + 1
+  m = 0.9 * m + 0.1 * g
+  v = 0.999 * v + 0.001 * g * g
+  return (m / (1 - 0.9 ** count)) / (jnp.sqrt(v / (1 - 0.999 ** count)) + 1e-8), (m, v), count
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _window_step(apply_fn: ApplyFn, variables: PyTree, u: jax.Array, moments: PyTree,
                  count: jax.Array, x: jax.Array, mask: jax.Array, target: jax.Array):
@@ -228,13 +238,8 @@ def _window_step(apply_fn: ApplyFn, variables: PyTree, u: jax.Array, moments: Py
     logits = apply_fn(variables, (1.0 - mask) * x + mask * jax.nn.sigmoid(u))
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[:, target])
 
-  g = jax.grad(loss)(u)
-  m, v = moments
-  count = count + 1
-  m = 0.9 * m + 0.1 * g
-  v = 0.999 * v + 0.001 * g * g
-  step = (m / (1 - 0.9 ** count)) / (jnp.sqrt(v / (1 - 0.999 ** count)) + 1e-8)
-  return u - 0.1 * step, (m, v), count
+  step, moments, count = _adam_direction(jax.grad(loss)(u), moments, count)
+  return u - 0.1 * step, moments, count
 
 
 def fit_window(apply_fn: ApplyFn, variables: PyTree, images, mask, target: int, *,
@@ -305,13 +310,8 @@ def _warp_step(apply_fn: ApplyFn, variables: PyTree, phi: jax.Array, moments: Py
     ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[:, None], 1)[:, 0]
     return sign * jnp.mean(ce)
 
-  g = jax.grad(loss)(phi)
-  m, v = moments
-  count = count + 1
-  m = 0.9 * m + 0.1 * g
-  v = 0.999 * v + 0.001 * g * g
-  step = (m / (1 - 0.9 ** count)) / (jnp.sqrt(v / (1 - 0.999 ** count)) + 1e-8)
-  return jnp.clip(phi - 0.1 * bound * step, -bound, bound), (m, v), count
+  step, moments, count = _adam_direction(jax.grad(loss)(phi), moments, count)
+  return jnp.clip(phi - 0.1 * bound * step, -bound, bound), moments, count
 
 
 def fit_warp(apply_fn: ApplyFn, variables: PyTree, images, *, bound: float, grid: int = 4,
