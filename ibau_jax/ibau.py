@@ -1083,8 +1083,8 @@ def _repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree, input_params:
       return mask, jax.nn.sigmoid(jnp.asarray(u))
 
     params = _unlearning_passes(
-        config, config.repair_epochs, params, images, labels, jax.random.fold_in(key, _REPAIR_KEY),
-        "repair pass", refit,
+        config, config.repair_epochs, params, images, labels,
+        jax.random.fold_in(key, _REPAIR_KEY), "repair pass", refit,
         lambda p, state, x, y, *a: _repair_step(apply_fn, p, state, rest, x, y, *a),
         report, info)
     u = fit({"params": params, **rest}, init=u)
@@ -1136,8 +1136,8 @@ def _warp_repair(config: IBAUConfig, apply_fn: ApplyFn, params: PyTree,
       return (jnp.asarray(phi),)
 
     params = _unlearning_passes(
-        config, config.warp_epochs, params, images, labels, jax.random.fold_in(key, _WARP_KEY),
-        "warp repair pass", refit,
+        config, config.warp_epochs, params, images, labels,
+        jax.random.fold_in(key, _WARP_KEY), "warp repair pass", refit,
         lambda p, state, x, y, *a: _warp_step(apply_fn, p, state, rest, x, y, *a),
         report, info)
     v = {"params": params, **rest}
@@ -1328,12 +1328,12 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
     selected, params = None, jax.tree_util.tree_map(lambda t: t / count, total)
   repair = warp = None
   stages = [2 * e + 2 for e in (config.repair_epochs, config.warp_epochs) if e > 0]
-  total = sum(stages)
+  steps = sum(stages)  # the progress steps of the repairs
 
   def reporter(offset):
     def report(done):
       if config.progress is not None:
-        config.progress(offset + done, total)
+        config.progress(offset + done, steps)
     return report
 
   if config.repair_epochs > 0:
@@ -1342,7 +1342,7 @@ def unlearn(apply_fn: ApplyFn, variables: PyTree, images, labels,
                              probe_x, delta0, stamp["target"], key, report)
     report(stages[0])
   if config.warp_epochs > 0:
-    report = reporter(total - stages[-1])
+    report = reporter(steps - stages[-1])
     params, warp = _warp_repair(config, apply_fn, params, input_params, rest, images, labels,
                                 probe_x, key, report)
     report(stages[-1])
